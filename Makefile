@@ -1,0 +1,22 @@
+# Two commands set up and run everything on a fresh machine (Python 3.10+, no GPU needed):
+#   make demo   installs fangzhi into .venv and runs the main job on the embedded defaults
+#   make test   installs fangzhi with its test extras into .venv and runs the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fangzhi base tiny --out results/tiny-base
+	$(VENV)/bin/fangzhi train --config configs/tiny.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+.PHONY: install demo test

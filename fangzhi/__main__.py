@@ -1,0 +1,3 @@
+from fangzhi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,432 @@
+"""The `fangzhi` command: parses arguments and calls one public function per command.
+
+User errors (FangzhiError) print one message and exit with status 2; no traceback.
+Heavy libraries are imported inside the handlers so `fangzhi --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fangzhi.errors import FangzhiError
+
+
+def _cmd_base(args: argparse.Namespace) -> int:
+    from fangzhi.models import build_sd15_random_base, build_tiny_base
+
+    build = build_tiny_base if args.kind == "tiny" else build_sd15_random_base
+    path = build(args.out, seed=args.seed)
+    print(f"wrote {args.kind} base to {path}")
+    return 0
+
+
+def _add_base(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("base", help="write an offline Stable Diffusion base (tiny, or SD v1.5 architecture with random weights)")
+    p.add_argument("kind", choices=["tiny", "sd15-random"], help="tiny: a few MB, trains on CPU; sd15-random: SD v1.5's full configs, random weights")
+    p.add_argument("--out", required=True, help="folder to write (a normal diffusers pipeline folder)")
+    p.add_argument("--seed", type=int, default=0, help="weights seed; the same seed gives the same bytes")
+    p.set_defaults(func=_cmd_base)
+
+
+def _cmd_dataset_check(args: argparse.Namespace) -> int:
+    from fangzhi.data import check_dataset
+
+    report = check_dataset(args.folder, resolution=args.resolution, allow_upscale=args.allow_upscale)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_dataset_select(args: argparse.Namespace) -> int:
+    from fangzhi.data import select_subset
+
+    copied = select_subset(args.src, args.n, args.out, seed=args.seed)
+    print(f"copied {len(copied)} images (seed {args.seed}) from {args.src} to {args.out}")
+    return 0
+
+
+def _add_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dataset", help="check a folder of captioned training images, or copy a random subset of it")
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    check = dataset_sub.add_parser("check", help="list every problem (unreadable, too small, uncaptioned, duplicate...); exit 1 if any is an error")
+    check.add_argument("folder", help="dataset folder: images with name.txt captions and/or metadata.jsonl")
+    check.add_argument("--resolution", type=int, default=512, help="training resolution; images with a shorter side are errors (default 512)")
+    check.add_argument("--allow-upscale", action="store_true", help="report images smaller than --resolution as notes, not errors")
+    check.set_defaults(func=_cmd_dataset_check)
+    select = dataset_sub.add_parser("select", help="copy a reproducible random subset of images and captions to a new folder")
+    select.add_argument("src", help="source dataset folder")
+    select.add_argument("--n", type=int, required=True, help="how many images to copy")
+    select.add_argument("--out", required=True, help="new (or empty) folder to copy into")
+    select.add_argument("--seed", type=int, default=0, help="the same seed and source give the same subset (default 0)")
+    select.set_defaults(func=_cmd_dataset_select)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,6, got '{text}'") from None
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from fangzhi.config import load_config
+
+    if args.mode == "power":
+        from fangzhi.evaluate.analyze import PowerConfig, run_power
+
+        config = load_config(
+            PowerConfig,
+            args.config,
+            {
+                "from_ratings": args.from_ratings, "baseline_arm": args.baseline_arm, "diff": args.diff,
+                "power": args.power, "alpha": args.alpha, "raters": args.raters, "prompts": args.prompts,
+                "seeds_per_prompt": args.seeds_per_prompt, "sims": args.sims, "seed": args.seed, "out": args.out,
+                **{f"components.{name}": getattr(args, name) for name in ("base_mean", "rater_sd", "pair_sd", "image_sd", "noise_sd")},
+            },
+        )
+        print(run_power(config)[2])
+        return 0
+
+    from fangzhi.evaluate.analyze import AnalyzeConfig, analyze
+
+    if not args.out and not args.config:
+        raise FangzhiError("analyze: --out DIR is required (the folder for tables, plots and report, e.g. results/NAME)")
+    config = load_config(
+        AnalyzeConfig,
+        args.config,
+        {
+            "db": args.db, "ratings": args.ratings, "out": args.out, "sd_over": args.sd_over,
+            "drop_bad_rows": args.drop_bad_rows or None, "clip": args.clip, "baseline_arm": args.baseline_arm,
+            "bootstrap": args.bootstrap, "seed": args.seed, "title_note": args.title_note,
+        },
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = analyze(config)
+    for warning in caught:  # e.g. the list of dropped bad rows: shown as plain text, not as a Python warning
+        print(f"warning: {warning.message}", file=sys.stderr)
+    print((out / "table2.md").read_text(encoding="utf-8"))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="human ratings: Table 2 (mean ± SD), paired tests, reliability, report; or 'analyze power' to plan a study")
+    p.add_argument("mode", nargs="?", choices=["power"], help="power: how many raters × prompts a study needs (simulation)")
+    p.add_argument("--config", help="YAML/TOML file with the same keys as the flags (flags win)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--db", help="rating study DuckDB written by the rating app")
+    source.add_argument("--ratings", help="wide ratings file (.csv or .parquet): rater,arm,prompt,seed,style,match,detail,beauty")
+    p.add_argument("--out", help="output folder, e.g. results/NAME (required for the analysis; optional for power)")
+    p.add_argument("--sd-over", choices=["images", "ratings", "raters"], help="unit of the table's SD (default images: each image's score is its raters' mean)")
+    p.add_argument("--drop-bad-rows", action="store_true", help="analyse without bad rows instead of stopping (they are still listed)")
+    p.add_argument("--clip", help="clip_scores.csv from the CLIP scorer, for CLIP vs human correlations and scatter")
+    p.add_argument("--baseline-arm", help="arm the others are compared against (default base)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% CI of the mean difference (default 10000)")
+    p.add_argument("--seed", type=int, help="random seed for the bootstrap / simulation (default 0)")
+    p.add_argument("--title-note", help="added to every title, e.g. 'simulated'")
+    power = p.add_argument_group("power (with 'analyze power')")
+    power.add_argument("--from-ratings", help="estimate variance components from this wide ratings file")
+    power.add_argument("--diff", type=float, help="mean score difference to detect (default 0.3)")
+    power.add_argument("--power", type=float, help="target power (default 0.8)")
+    power.add_argument("--alpha", type=float, help="significance level (default 0.05)")
+    power.add_argument("--raters", type=_int_list, help="rater counts to try, e.g. 2,4,6")
+    power.add_argument("--prompts", type=_int_list, help="prompt counts to try, e.g. 8,16,32")
+    power.add_argument("--seeds-per-prompt", type=int, help="images per prompt and arm (default 1)")
+    power.add_argument("--sims", type=int, help="simulated studies per design (default 500)")
+    power.add_argument("--base-mean", type=float, help="without --from-ratings: baseline mean score (default 3.2)")
+    power.add_argument("--rater-sd", type=float, help="without --from-ratings: SD of rater leniency (default 0.4)")
+    power.add_argument("--pair-sd", type=float, help="without --from-ratings: SD of the prompt × seed effect shared by both arms (default 0.5)")
+    power.add_argument("--image-sd", type=float, help="without --from-ratings: SD of the image's own effect (default 0.3)")
+    power.add_argument("--noise-sd", type=float, help="without --from-ratings: SD of per-rating noise (default 0.7)")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_prompts_check(args: argparse.Namespace) -> int:
+    from fangzhi.generate.prompts import check_prompt_set
+
+    print(check_prompt_set(args.file))
+    return 0
+
+
+def _cmd_prompts_modernize(args: argparse.Namespace) -> int:
+    import os
+
+    from fangzhi.config import load_config
+    from fangzhi.generate.modernize import ModernizeConfig, modernize_source
+
+    overrides = {
+        "base_url": args.base_url or os.environ.get("FANGZHI_LLM_BASE_URL"),
+        "model": args.model or os.environ.get("FANGZHI_LLM_MODEL"),
+        "api_key_env": args.api_key_env,
+        "cache_dir": args.cache_dir,
+        "retries": args.retries,
+        "timeout_s": args.timeout,
+    }
+    if args.config is None and (overrides["base_url"] is None or overrides["model"] is None):
+        raise FangzhiError(
+            "modernize needs the chat endpoint and model: pass --base-url URL and --model NAME "
+            "(or set FANGZHI_LLM_BASE_URL and FANGZHI_LLM_MODEL)"
+        )
+    config = load_config(ModernizeConfig, args.config, overrides)
+    result = modernize_source(args.source, args.out, config)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(
+        f"wrote {len(result.entries)} entries to {result.out_path} "
+        f"({result.from_cache} from the cache, {result.requests} requests to {config.model})"
+    )
+    if result.failures:
+        print(f"{len(result.failures)} excerpt(s) failed and are not in {result.out_path}:", file=sys.stderr)
+        for failure in result.failures:
+            print(f"  {failure.id} (line {failure.line}, {failure.attempts} attempts): {failure.reason}", file=sys.stderr)
+        print(f"listed in {result.failures_path}; rerun the same command to retry only these", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_prompts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prompts", help="check a prompt set, or write one from classical excerpts with an LLM")
+    prompts_sub = p.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
+    check = prompts_sub.add_parser("check", help="validate a prompt set (.yaml/.jsonl); print its size or every problem")
+    check.add_argument("file", help="prompt set, e.g. fangzhi/generate/prompts/shuntian.yaml")
+    check.set_defaults(func=_cmd_prompts_check)
+    modernize = prompts_sub.add_parser(
+        "modernize",
+        help="turn classical excerpts into narrative_zh + prompt_en with any OpenAI-compatible chat endpoint; exit 1 if any fail",
+    )
+    modernize.add_argument("source", help="UTF-8 text, one excerpt per paragraph, optionally 'id: text' (docs/formats.md)")
+    modernize.add_argument("--out", required=True, help="prompt set to write (.yaml or .jsonl); failures go to OUT_STEM.failures.yaml")
+    modernize.add_argument("--base-url", help="API root, e.g. http://127.0.0.1:8000/v1 (default $FANGZHI_LLM_BASE_URL)")
+    modernize.add_argument("--model", help="model name, e.g. glm-4-flash (default $FANGZHI_LLM_MODEL)")
+    modernize.add_argument("--api-key-env", help="environment variable holding the API key (default FANGZHI_LLM_API_KEY; unset: no key)")
+    modernize.add_argument("--cache-dir", help="reply cache (default $XDG_CACHE_HOME/fangzhi/modernize)")
+    modernize.add_argument("--retries", type=int, help="extra attempts per excerpt (default 4)")
+    modernize.add_argument("--timeout", type=float, help="seconds to wait for one reply (default 60)")
+    modernize.add_argument("--config", help="YAML/TOML file with ModernizeConfig keys; flags and env override it")
+    modernize.set_defaults(func=_cmd_prompts_modernize)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fangzhi.config import load_config
+    from fangzhi.train import TrainConfig, train
+
+    overrides = {
+        "base": args.base,
+        "output_dir": args.output_dir,
+        "data.path": args.data,
+        "data.resolution": args.resolution,
+        "data.trigger": args.trigger,
+        "data.skip_bad_files": args.skip_bad_files or None,
+        "lora.rank": args.rank,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "optimizer": args.optimizer,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing or None,
+        "checkpoint_every": args.checkpoint_every,
+        "seed": args.seed,
+        "resume": args.resume,
+    }
+    train(load_config(TrainConfig, args.config, overrides))
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a style LoRA (UNet cross-attention + CLIP text encoder) on a folder of captioned paintings",
+        description="Train a style LoRA. Settings come from --config (YAML/TOML; see configs/paper.yaml), "
+        "then these flags override single keys. The resolved config is saved as OUTPUT_DIR/config.yaml.",
+    )
+    p.add_argument("--config", help="YAML or TOML config file (keys as in configs/paper.yaml)")
+    p.add_argument("--base", help="Hub id, local diffusers folder, or .safetensors/.ckpt checkpoint (default: SD v1.5's Hub id)")
+    p.add_argument("--data", help="dataset folder (images + name.txt captions and/or metadata.jsonl)")
+    p.add_argument("--output-dir", help="where the LoRA, logs and checkpoints go")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--trigger", help="trigger phrase put before every caption, e.g. 'shuntianfuzhi style'")
+    p.add_argument("--skip-bad-files", action="store_true", help="train on the good images when the dataset check finds errors")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--optimizer", choices=["adamw8bit", "adamw"])
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between resumable checkpoints")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="'latest' or a checkpoint folder (OUTPUT_DIR/checkpoints/step-N)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_lora_export(args: argparse.Namespace) -> int:
+    from fangzhi.train import export_kohya
+
+    print(f"wrote {export_kohya(args.lora, args.out)} (kohya format: loads in A1111, ComfyUI and diffusers)")
+    return 0
+
+
+def _add_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lora", help="convert a trained LoRA for other tools")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    export = lora_sub.add_parser("export", help="write the LoRA in another key format")
+    export.add_argument("lora", help="pytorch_lora_weights.safetensors or the training output folder")
+    export.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_*/lora_te_* keys with .alpha, as A1111 and ComfyUI load")
+    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.set_defaults(func=_cmd_lora_export)
+
+
+def _cmd_study_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fangzhi.rating_app.study import create_study, write_links
+
+    links = create_study(
+        args.manifest, args.db, args.raters, reference_images=args.reference_images, lang=args.lang,
+        qc_retest=args.qc_retest, qc_attention=args.qc_attention, seed=args.seed, base_url=args.base_url,
+    )
+    links_file = Path(args.links_out) if args.links_out else Path(args.db).with_suffix(".links.csv")
+    write_links(links, links_file)
+    print(f"created {args.db} with {len(links)} raters; invitation links (only shown now; also saved to {links_file}):")
+    for name, _token, link in links:
+        print(f"  {name}\t{link}")
+    return 0
+
+
+def _cmd_study_export(args: argparse.Namespace) -> int:
+    from fangzhi.rating_app.store import export_ratings
+
+    rows = export_ratings(args.db, args.out)
+    print(f"wrote {rows} ratings to {args.out}")
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="create a blind rating study from a generation manifest, or export its ratings")
+    study_sub = p.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+    create = study_sub.add_parser("create", help="make the study database and one secret invitation link per rater")
+    create.add_argument("--manifest", required=True, help="generation manifest (OUT/manifest.jsonl from `fangzhi generate`)")
+    create.add_argument("--db", required=True, help="new study database file, e.g. study.duckdb (never overwritten)")
+    create.add_argument("--raters", required=True, help="text file with one rater name per line")
+    create.add_argument("--reference-images", help="folder of a few paintings in the target style, shown beside every item")
+    create.add_argument("--lang", choices=["zh", "en"], default="zh", help="the app's default language (raters can switch; default zh)")
+    create.add_argument("--qc-retest", type=int, default=3, help="images each rater sees a second time, for test-retest (default 3)")
+    create.add_argument("--qc-attention", type=int, default=2, help="attention-check pages per rater (default 2)")
+    create.add_argument("--seed", type=int, default=0, help="study seed; each rater's order is seeded from it (default 0)")
+    create.add_argument("--base-url", default="http://localhost:8501", help="where raters reach the app, for the links")
+    create.add_argument("--links-out", help="CSV of rater,token,link for the admin (default: DB with .links.csv)")
+    create.set_defaults(func=_cmd_study_create)
+    export = study_sub.add_parser("export", help="write one row per rater x item (wide format), also while the app runs")
+    export.add_argument("--db", required=True, help="study database")
+    export.add_argument("--out", required=True, help="ratings.csv or ratings.parquet")
+    export.set_defaults(func=_cmd_study_export)
+
+
+def _cmd_rate(args: argparse.Namespace) -> int:
+    from fangzhi.rating_app.serve import serve
+
+    print(f"rating app on http://{args.host}:{args.port} (admin page: /?page=admin; Ctrl+C stops)")
+    return serve(args.db, host=args.host, port=args.port)
+
+
+def _add_rate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rate", help="start the blind rating web app (Streamlit) on a study database")
+    p.add_argument("--db", required=True, help="study database from `fangzhi study create`")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a network)")
+    p.set_defaults(func=_cmd_rate)
+
+
+def _cmd_clip_score(args: argparse.Namespace) -> int:
+    from fangzhi.config import load_config
+    from fangzhi.evaluate.clip_score import ClipScoreConfig, run_clip_score
+
+    config = load_config(
+        ClipScoreConfig,
+        args.config,
+        {
+            "manifest": args.manifest, "out": args.out, "reference_images": args.reference_images, "model": args.model,
+            "pretrained": args.pretrained, "batch_size": args.batch_size, "device": args.device,
+        },
+    )
+    run_clip_score(config)
+    return 0
+
+
+def _cmd_clip_check(args: argparse.Namespace) -> int:
+    from fangzhi.config import load_config
+    from fangzhi.evaluate.clip_check import ClipCheckConfig, clip_check
+
+    config = load_config(
+        ClipCheckConfig,
+        args.config,
+        {
+            "images": args.images, "baseline": args.baseline, "update_baseline": args.update_baseline or None,
+            "tolerance": args.tolerance, "style_tolerance": args.style_tolerance, "alpha": args.alpha,
+            "model": args.model, "pretrained": args.pretrained, "reference_images": args.reference_images,
+            "batch_size": args.batch_size, "device": args.device, "out": args.out,
+        },
+    )
+    return clip_check(config)
+
+
+def _add_clip_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/TOML file with the same keys as the flags (flags win)")
+    p.add_argument("--reference-images", help="folder of style reference images, for style similarity")
+    p.add_argument("--model", help="open_clip architecture (default ViT-L-14; unused when --pretrained is a folder)")
+    p.add_argument("--pretrained", help="open_clip tag (default openai), a local checkpoint file, or a folder with open_clip_config.json + weights")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 16)")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def _add_clip(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("clip-score", help="CLIP score (100 × cosine to the English prompt) and style similarity for every image of a manifest")
+    p.add_argument("--manifest", help="generation manifest (manifest.jsonl)")
+    p.add_argument("--out", help="output folder: clip_scores.csv (for analyze --clip) and clip_summary.json")
+    _add_clip_model_flags(p)
+    p.set_defaults(func=_cmd_clip_score)
+
+    p = sub.add_parser("clip-check", help="CI gate: compare a manifest's CLIP numbers with a stored baseline (exit 0 pass, 1 regression, 2 bad input)")
+    p.add_argument("--images", help="generation manifest (manifest.jsonl) of the fixed prompt/seed set")
+    p.add_argument("--baseline", help="baseline JSON, e.g. results/clip_baseline.json")
+    p.add_argument("--update-baseline", action="store_true", help="accept the current numbers as the baseline (overwrites it)")
+    p.add_argument("--tolerance", type=float, help="allowed mean drop in CLIP score, in points (default 0.5)")
+    p.add_argument("--style-tolerance", type=float, help="allowed mean drop in style similarity, in cosine (default 0.005)")
+    p.add_argument("--alpha", type=float, help="level of the one-sided paired Wilcoxon test (default 0.05)")
+    p.add_argument("--out", help="report JSON (default clip_check.json beside the manifest)")
+    _add_clip_model_flags(p)
+    p.set_defaults(func=_cmd_clip_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fangzhi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_base(sub)
+    _add_study(sub)
+    _add_rate(sub)
+    _add_train(sub)
+    _add_lora(sub)
+    _add_dataset(sub)
+    _add_analyze(sub)
+    _add_prompts(sub)
+    _add_clip(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FangzhiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,84 @@
+"""One validated config object per command, loaded from YAML/TOML, with CLI flags overriding keys.
+
+Each command defines a pydantic model with documented defaults; `load_config` merges
+file < overrides, validates, and turns pydantic's errors into one readable message that names
+the file, the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fangzhi.errors import FangzhiError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for config objects: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FangzhiError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text)
+        else:
+            raise FangzhiError(f"{path}: config files must end in .yaml, .yml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise FangzhiError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FangzhiError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  key '{key}': unknown key (check the spelling; see --help for the keys)")
+        elif err["type"] == "missing":
+            lines.append(f"  key '{key}': required but not given")
+        else:
+            lines.append(f"  key '{key}': value {json.dumps(err.get('input'), default=str)} is invalid: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ConfigT:
+    """Build `model` from an optional config file, then dotted-key overrides (CLI flags; None means 'not given')."""
+    data = read_config_file(path) if path else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise FangzhiError(format_validation_error(exc, str(path) if path else "command-line options")) from None
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    """Write the resolved config (every default spelled out) beside a command's outputs."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,193 @@
+"""Stable Diffusion v1.x bases: loading (Hub id, diffusers folder, single checkpoint file) and the two offline bases.
+
+Every stage (train, generate, evaluate) gets its model through `load_pipeline`; none of them knows
+whether the weights are SD v1.5's, the tiny base's or random ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from fangzhi.errors import FangzhiError
+from fangzhi.models.tokenizer import clip_tokenizer_from_open_clip_bpe
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# SD v1.5's noise schedule (its scheduler_config.json), used with DDIM as in the paper.
+SD15_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+SD15_LATENT_SCALING = 0.18215
+
+
+def _how_to_provide(base: str) -> str:
+    return (
+        f"Provide the weights offline as --base /path/to/folder (a diffusers folder with model_index.json, "
+        f"e.g. from `huggingface-cli download {DEFAULT_BASE}` on a machine with network) or as "
+        f"--base /path/to/model.safetensors (an A1111/ComfyUI checkpoint). "
+        f"For an offline try-out, `fangzhi base tiny --out DIR` writes a small base."
+    )
+
+
+def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, single_file_config: str | None = None) -> StableDiffusionPipeline:
+    """Load an SD v1.x pipeline from a Hub id, a local diffusers folder or a single .safetensors/.ckpt file.
+
+    The safety checker is left out: images are rated by people, and its weights are a separate download.
+    `single_file_config` names the diffusers folder or Hub id whose configs describe a single-file
+    checkpoint (defaults to SD v1.5's, which must then be in the Hub cache).
+    """
+    path = Path(base).expanduser()
+    kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            if not path.is_file():
+                raise FangzhiError(f"base checkpoint file not found: {path}. {_how_to_provide(base)}")
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=single_file_config or DEFAULT_BASE, **kwargs)
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise FangzhiError(f"{path} is not a diffusers pipeline folder (no model_index.json). {_how_to_provide(base)}")
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        elif base.count("/") == 1 and not base.startswith((".", "/", "~")):
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(base, **kwargs)
+            except (OSError, ValueError):
+                raise FangzhiError(
+                    f"could not load base '{base}': it is a Hub id, but it is not in the local Hugging Face cache "
+                    f"and the Hub could not be reached. {_how_to_provide(base)}"
+                ) from None
+        else:
+            raise FangzhiError(f"base not found: '{base}' is neither an existing folder or checkpoint file nor a Hub id. {_how_to_provide(base)}")
+    except FangzhiError:
+        raise
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FangzhiError(f"could not load base '{base}': {first_line}. {_how_to_provide(base)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def weights_sha256(base: str) -> str:
+    """sha256 over a base's weight files (sorted by path), or of a single checkpoint file; '' for a Hub id."""
+    path = Path(base).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt"))
+    else:
+        return ""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_config: CLIPTextConfig, out: Path, seed: int) -> Path:
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer_from_open_clip_bpe(scratch)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler(**SD15_SCHEDULE),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_base(out: str | Path, seed: int = 0) -> Path:
+    """A few-MB SD-architecture base with random weights: same structure and data path as SD v1.5, tiny widths.
+
+    Latents are 4 channels at 1/8 of the image size (three downsamples in the VAE), the text encoder is a
+    2-layer CLIP with the real BPE tokenizer, and the schedule is SD v1.5's. Deterministic per seed.
+    """
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=SD15_LATENT_SCALING,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return _assemble(unet, vae, text_config, out, seed)
+
+
+def sd15_unet_config() -> dict:
+    return dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+def build_sd15_random_base(out: str | Path, seed: int = 0) -> Path:
+    """SD v1.5's component configs (UNet ~860M, CLIP ViT-L/14 text encoder, 0.18215-scaled 4-channel latents), random weights."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**sd15_unet_config())
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        scaling_factor=SD15_LATENT_SCALING,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return _assemble(unet, vae, text_config, out, seed)

@@ -1,0 +1,274 @@
+"""`fangzhi train`: the LoRA training loop, short enough to read in one sitting.
+
+Per optimizer step: encode images to latents, add noise at random timesteps, predict the noise (or
+velocity) with the LoRA-adapted UNet conditioned on the LoRA-adapted text encoder, and step the
+optimizer on the LoRA weights only. accelerate supplies devices, mixed precision and multi-process.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
+from tqdm.auto import tqdm
+
+from fangzhi.config import save_config
+from fangzhi.data import CaptionedImageDataset, load_training_entries
+from fangzhi.errors import FangzhiError
+from fangzhi.models import load_pipeline
+from fangzhi.train.checkpoint import TrainingPosition, find_checkpoint, load_checkpoint, save_checkpoint
+from fangzhi.train.config import TrainConfig
+from fangzhi.train.lora import attach_lora, save_lora
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(param_groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+
+
+def _plot_loss(loss_csv: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(loss_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(r["step"]) for r in rows]
+    losses = [float(r["loss"]) for r in rows]
+    window = max(1, len(losses) // 20)
+    smoothed = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps, smoothed, label=f"moving mean ({window} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("diffusion loss (MSE)")
+    ax.set_title("LoRA training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _render_validation(pipe, cfg: TrainConfig, epoch: int, out_dir: Path, device: torch.device) -> None:
+    folder = out_dir / "validation" / f"epoch-{epoch + 1:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+    trigger = cfg.data.trigger.strip()
+    for p_index, prompt in enumerate(cfg.validation.prompts):
+        text = f"{trigger}, {prompt}" if trigger else prompt
+        for seed in cfg.validation.seeds:
+            image = pipe(
+                text,
+                height=cfg.data.resolution,
+                width=cfg.data.resolution,
+                num_inference_steps=cfg.validation.steps,
+                guidance_scale=cfg.validation.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
+            image.save(folder / f"prompt{p_index:02d}-seed{seed}.png")
+    pipe.scheduler = scheduler
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a style LoRA as `cfg` says; returns the path of pytorch_lora_weights.safetensors."""
+    out_dir = Path(cfg.output_dir)
+    entries = load_training_entries(cfg.data)  # refuses bad data before any model is loaded
+
+    log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        log_with=log_with,
+        project_dir=str(out_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    pipe = load_pipeline(cfg.base, torch_dtype=weight_dtype)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+
+    vae.requires_grad_(False)
+    for model in (unet, text_encoder, vae):
+        model.to(accelerator.device)
+    trained = attach_lora(unet, text_encoder, cfg.lora)
+    # LoRA weights train in fp32 even when the frozen weights are fp16/bf16: tiny updates would round away.
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate or cfg.learning_rate / 2}
+    param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lrs[name]} for name, model in trained.items()]
+    optimizer = _make_optimizer(cfg, param_groups)
+
+    dataset = CaptionedImageDataset(
+        entries,
+        resolution=cfg.data.resolution,
+        trigger=cfg.data.trigger,
+        repeats=cfg.data.repeats,
+        caption_dropout=cfg.data.caption_dropout,
+        center_crop=cfg.data.center_crop,
+        random_flip=cfg.data.random_flip,
+        seed=cfg.seed,
+    )
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.dataloader_workers)
+
+    micro_batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation)
+    total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
+    trained = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
+    unet_step = trained.get("unet", unet)
+    text_encoder_step = trained.get("text_encoder", text_encoder)
+    unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
+
+    noise_generator = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    checkpoints_dir = out_dir / "checkpoints"
+    position = TrainingPosition(global_step=0, epoch=0, batches_done_in_epoch=0)
+    if cfg.resume:
+        checkpoint = find_checkpoint(cfg.resume, checkpoints_dir)
+        position = load_checkpoint(checkpoint, unwrapped, optimizer, lr_scheduler, noise_generator)
+        accelerator.print(f"resumed from {checkpoint} at step {position.global_step}")
+
+    latent_cache: dict[int, torch.Tensor] = {}
+
+    def encode_latents(pixel_values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # The cache stores the VAE's Gaussian parameters, so cached and uncached runs sample the same latents.
+        if cfg.cache_latents:
+            missing = [i for i in indices.tolist() if i % len(entries) not in latent_cache]
+            if missing:
+                with torch.no_grad():
+                    params = vae.encode(pixel_values.to(accelerator.device, dtype=weight_dtype)).latent_dist.parameters
+                for row, i in enumerate(indices.tolist()):
+                    latent_cache.setdefault(i % len(entries), params[row])
+            params = torch.stack([latent_cache[i % len(entries)] for i in indices.tolist()])
+            distribution = DiagonalGaussianDistribution(params)
+        else:
+            with torch.no_grad():
+                distribution = vae.encode(pixel_values.to(accelerator.device, dtype=weight_dtype)).latent_dist
+        return distribution.sample(generator=noise_generator) * vae.config.scaling_factor
+
+    loss_csv = out_dir / "loss.csv"
+    if accelerator.is_main_process and not (cfg.resume and loss_csv.exists()):
+        loss_csv.write_text("step,epoch,loss,lr,seconds\n")
+    if log_with:
+        accelerator.init_trackers("fangzhi-train")
+    progress = tqdm(total=total_steps, initial=position.global_step, disable=not accelerator.is_local_main_process, desc="train", unit="step")
+    started = time.perf_counter()
+    step_losses: list[float] = []
+
+    for epoch in range(position.epoch, cfg.epochs):
+        if position.global_step >= total_steps:
+            break
+        dataset.set_epoch(epoch)
+        dataloader.set_epoch(epoch)
+        skip = position.batches_done_in_epoch if epoch == position.epoch else 0
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for model in trained.values():
+            model.train()
+        micro_batch = skip
+        for batch in batches:
+            micro_batch += 1
+            with accelerator.accumulate(*trained.values()):
+                latents = encode_latents(batch["pixel_values"], batch["index"])
+                noise = torch.randn(latents.shape, generator=noise_generator).to(latents)
+                if cfg.noise_offset:
+                    noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator).to(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_generator).to(accelerator.device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                input_ids = tokenizer(
+                    list(batch["caption"]), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+                ).input_ids.to(accelerator.device)
+                encoder_hidden_states = text_encoder_step(input_ids, return_dict=False)[0]
+                prediction = unet_step(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+                if cfg.snr_gamma is None:
+                    loss = F.mse_loss(prediction.float(), target.float())
+                else:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+                    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (per_sample * weights).mean()
+                loss_value = accelerator.gather(loss.detach()).mean().item()
+                if not math.isfinite(loss_value):
+                    kept = sorted(checkpoints_dir.glob("step-*"))
+                    raise FangzhiError(
+                        f"training loss became {loss_value} at step {position.global_step + 1} (epoch {epoch + 1}); stopped without saving. "
+                        + (f"The last good checkpoint is {kept[-1]}. " if kept else "No checkpoint was written yet. ")
+                        + "Lower learning_rate, or use bf16 instead of fp16."
+                    )
+                step_losses.append(loss_value)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for m in trained.values() for p in m.parameters() if p.requires_grad], cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            position.global_step += 1
+            step_loss = sum(step_losses) / len(step_losses)
+            step_losses.clear()
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if accelerator.is_main_process:
+                with open(loss_csv, "a") as handle:
+                    handle.write(f"{position.global_step},{epoch + 1},{step_loss:.6f},{lr:.6e},{time.perf_counter() - started:.3f}\n")
+            if log_with:
+                accelerator.log({"loss": step_loss, "lr": lr}, step=position.global_step)
+            at_end_of_epoch = micro_batch >= micro_batches_per_epoch
+            if position.global_step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
+                saved_position = TrainingPosition(
+                    position.global_step, epoch + 1 if at_end_of_epoch else epoch, 0 if at_end_of_epoch else micro_batch
+                )
+                save_checkpoint(checkpoints_dir, saved_position, unwrapped, optimizer, lr_scheduler, noise_generator, cfg.keep_checkpoints)
+            if position.global_step >= total_steps:
+                break
+        if cfg.validation.prompts and (epoch + 1) % cfg.validation.every_epochs == 0 and accelerator.is_main_process:
+            for model in trained.values():
+                model.eval()
+            _render_validation(pipe, cfg, epoch, out_dir, accelerator.device)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    lora_file = out_dir / "pytorch_lora_weights.safetensors"
+    if accelerator.is_main_process:
+        lora_file = save_lora(out_dir, unwrapped.get("unet"), unwrapped.get("text_encoder"))
+        _plot_loss(loss_csv, out_dir / "loss.png")
+        accelerator.print(f"saved {lora_file} after {position.global_step} steps in {time.perf_counter() - started:.1f} s")
+    accelerator.end_training()
+    return lora_file

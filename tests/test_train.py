@@ -1,0 +1,237 @@
+"""LoRA training on the tiny base and the bundled paintings: it learns, it saves what diffusers loads, it resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from fangzhi.cli import main
+from fangzhi.config import load_config
+from fangzhi.data import DEMO_DATASET, CaptionedImageDataset, load_training_entries
+from fangzhi.errors import FangzhiError
+from fangzhi.train import LoraSettings, TrainConfig, attach_lora, export_kohya, train
+
+PROMPT = "shuntianfuzhi style, misty mountains above a river"
+
+
+def tiny_config(base: str, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "base": base,
+        "output_dir": str(out),
+        "data": {"resolution": 64, "repeats": 1, "random_flip": True},
+        "lora": {"rank": 4, "alpha": 4},
+        "epochs": 100,
+        "max_steps": 40,
+        "learning_rate": 2e-3,
+        "optimizer": "adamw8bit",
+        "checkpoint_every": 1000,
+        "seed": 0,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            values[key] = {**values.get(key, {}), **value}
+        else:
+            values[key] = value
+    return TrainConfig.model_validate(values)
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora")
+    train(tiny_config(tiny_base, out))
+    return out
+
+
+def load_base(base: str) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe: StableDiffusionPipeline, **kwargs) -> np.ndarray:
+    image = pipe(PROMPT, num_inference_steps=8, guidance_scale=7.0, height=64, width=64,
+                 generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).images[0]
+    return image
+
+
+@torch.no_grad()
+def denoising_loss(pipe: StableDiffusionPipeline) -> float:
+    """Mean noise-prediction MSE on the demo paintings at fixed noise and timesteps (lower = better fit)."""
+    dataset = CaptionedImageDataset(load_training_entries(tiny_config("unused", Path("unused")).data), resolution=64, random_flip=False)
+    generator = torch.Generator().manual_seed(123)
+    losses = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        latents = pipe.vae.encode(item["pixel_values"][None]).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([item["caption"]], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+        for timestep in (100, 400, 700):
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.tensor([timestep])
+            noisy = pipe.scheduler.add_noise(latents, noise, t)
+            prediction = pipe.unet(noisy, t, hidden).sample
+            losses.append(torch.nn.functional.mse_loss(prediction, noise).item())
+    return float(np.mean(losses))
+
+
+def test_training_writes_all_outputs(trained_lora: Path):
+    for name in ("pytorch_lora_weights.safetensors", "config.yaml", "loss.csv", "loss.png"):
+        assert (trained_lora / name).is_file(), name
+    rows = (trained_lora / "loss.csv").read_text().strip().splitlines()
+    assert rows[0] == "step,epoch,loss,lr,seconds" and len(rows) == 41
+    saved = yaml.safe_load((trained_lora / "config.yaml").read_text())
+    assert saved["max_steps"] == 40 and saved["data"]["trigger"] == "shuntianfuzhi style"
+
+
+def test_lora_lowers_the_denoising_loss(tiny_base, trained_lora: Path):
+    pipe = load_base(tiny_base)
+    before = denoising_loss(pipe)
+    pipe.load_lora_weights(str(trained_lora))
+    after = denoising_loss(pipe)
+    assert after < before * 0.97, (before, after)
+
+
+def test_stock_diffusers_loads_the_file_and_scale_zero_is_the_base(tiny_base, trained_lora: Path):
+    pipe = load_base(tiny_base)
+    base_image = render(pipe)
+    pipe.load_lora_weights(str(trained_lora))  # no fangzhi code involved
+    lora_image = render(pipe)
+    zero_image = render(pipe, cross_attention_kwargs={"scale": 0.0})
+    assert np.abs(lora_image - base_image).mean() > 1e-3
+    np.testing.assert_allclose(zero_image, base_image, atol=1e-5)
+
+
+def test_file_holds_only_lora_weights_with_rank_and_alpha(trained_lora: Path):
+    from safetensors import safe_open
+
+    state = load_file(str(trained_lora / "pytorch_lora_weights.safetensors"))
+    assert state and all(".lora_A." in key or ".lora_B." in key for key in state)
+    assert any(key.startswith("unet.") and ".attn2." in key for key in state)
+    assert any(key.startswith("text_encoder.") and "self_attn" in key for key in state)
+    assert not any(".attn1." in key for key in state)
+    with safe_open(str(trained_lora / "pytorch_lora_weights.safetensors"), "pt") as handle:
+        metadata = yaml.safe_load(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 4
+
+
+def test_base_weights_stay_frozen(tiny_base):
+    pipe = load_base(tiny_base)
+    frozen_before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    trained = attach_lora(pipe.unet, pipe.text_encoder, LoraSettings(rank=4, alpha=4))
+    trainable = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    names = [n for m in trained.values() for n, p in m.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(2):
+        hidden = pipe.text_encoder(torch.tensor([[49406, 320, 49407]]))[0]
+        loss = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), hidden).sample.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = pipe.unet.state_dict()
+    for key, value in frozen_before.items():
+        peft_key = key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(after[peft_key], value), key
+
+
+def test_kohya_export_round_trips_through_diffusers(tiny_base, trained_lora: Path, tmp_path: Path):
+    kohya_file = export_kohya(trained_lora, tmp_path / "style_kohya.safetensors")
+    keys = load_file(str(kohya_file)).keys()
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_") for k in keys)
+    assert not any(k.startswith("lora_te1_") for k in keys)
+    assert all(f"{k.split('.')[0]}.alpha" in keys for k in keys if k.endswith("lora_down.weight"))
+
+    original = load_base(tiny_base)
+    original.load_lora_weights(str(trained_lora))
+    converted = load_base(tiny_base)
+    converted.load_lora_weights(str(kohya_file))
+    np.testing.assert_allclose(render(converted), render(original), atol=1e-4)
+
+
+def test_kohya_export_keeps_a_non_default_alpha(tiny_base, tmp_path: Path):
+    out = tmp_path / "alpha"
+    train(tiny_config(tiny_base, out, lora={"rank": 4, "alpha": 2}, max_steps=2))
+    state = load_file(str(export_kohya(out, tmp_path / "k.safetensors")))
+    alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}
+    assert alphas == {2.0}
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_base, tmp_path: Path):
+    common = dict(checkpoint_every=3, lr_scheduler="constant", data={"resolution": 64, "random_flip": True})
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_base, straight, max_steps=10, **common))
+
+    interrupted = tmp_path / "interrupted"
+    train(tiny_config(tiny_base, interrupted, max_steps=6, **common))  # stops mid-epoch 2 (4 steps per epoch)
+    assert (interrupted / "checkpoints" / "step-00000006").is_dir()
+    train(tiny_config(tiny_base, interrupted, max_steps=10, resume="latest", **common))
+
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(interrupted / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    losses = lambda folder: (folder / "loss.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[2] for r in losses(straight)] == [r.split(",")[2] for r in losses(interrupted)]
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_base, tmp_path: Path):
+    with pytest.raises(FangzhiError, match=r"loss became (nan|inf).*step \d+.*checkpoint"):
+        train(tiny_config(tiny_base, tmp_path / "nan", learning_rate=1e12, optimizer="adamw", max_grad_norm=None, max_steps=40, checkpoint_every=1))
+    assert list((tmp_path / "nan" / "checkpoints").glob("step-*")), "the last good checkpoint is kept"
+
+
+def test_training_refuses_a_bad_dataset_before_loading_models(tmp_path: Path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not an image")
+    cfg = tiny_config("no/such-base", tmp_path / "out", data={"path": str(bad)})
+    with pytest.raises(FangzhiError, match="broken.png"):
+        train(cfg)
+
+
+def test_config_errors_name_the_key_and_value(tmp_path: Path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochs: many\nlora:\n  rnk: 4\n")
+    with pytest.raises(FangzhiError) as caught:
+        load_config(TrainConfig, config)
+    message = str(caught.value)
+    assert "bad.yaml" in message and "'epochs'" in message and '"many"' in message and "'lora.rnk'" in message
+
+
+def test_cli_flags_override_config_and_errors_exit_2(tmp_path: Path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("optimizer: sgd\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "optimizer" in capsys.readouterr().err
+    assert main(["train", "--base", str(tmp_path / "missing"), "--data", str(DEMO_DATASET), "--resolution", "64",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path):
+    out = tmp_path / "ddp"
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_base, out, max_steps=4).model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fangzhi", "train", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = load_base(tiny_base)
+    pipe.load_lora_weights(str(out))
+    assert np.isfinite(render(pipe)).all()
+    assert len((out / "loss.csv").read_text().splitlines()) == 5
