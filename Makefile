@@ -13,8 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/fangzhi base tiny --out results/tiny-base
-	$(VENV)/bin/fangzhi train --config configs/tiny.yaml
+	$(VENV)/bin/fangzhi demo
 
 test: install
 	$(PY) -m pytest -q

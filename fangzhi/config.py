@@ -67,9 +67,21 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ConfigT:
-    """Build `model` from an optional config file, then dotted-key overrides (CLI flags; None means 'not given')."""
+SHARED_KEYS = ("base",)
+
+
+def load_config(
+    model: type[ConfigT], path: str | Path | None = None, overrides: dict[str, Any] | None = None, section: str | None = None
+) -> ConfigT:
+    """Build `model` from an optional config file, then dotted-key overrides (CLI flags; None means 'not given').
+
+    A study config (configs/paper.yaml) holds one section per command; with `section`, a file that has
+    that section is read from it, plus the top-level keys every stage shares (`base`).
+    """
     data = read_config_file(path) if path else {}
+    if section and isinstance(data.get(section), dict):
+        shared = {key: data[key] for key in SHARED_KEYS if key in data and key in model.model_fields}
+        data = {**shared, **data[section]}
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)

@@ -2,10 +2,11 @@
 
 from fangzhi.models.sd import (
     DEFAULT_BASE,
+    base_available,
     build_sd15_random_base,
     build_tiny_base,
     load_pipeline,
     weights_sha256,
 )
 
-__all__ = ["DEFAULT_BASE", "build_sd15_random_base", "build_tiny_base", "load_pipeline", "weights_sha256"]
+__all__ = ["DEFAULT_BASE", "base_available", "build_sd15_random_base", "build_tiny_base", "load_pipeline", "weights_sha256"]

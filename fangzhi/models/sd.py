@@ -81,6 +81,20 @@ def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, single_fi
     return pipe
 
 
+def base_available(base: str) -> str | None:
+    """Why `base` cannot be loaded here without trying (None when it looks loadable): for fail-fast checks."""
+    path = Path(base).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        return None if path.is_file() else f"base checkpoint file not found: {path}. {_how_to_provide(base)}"
+    if path.is_dir():
+        return None if (path / "model_index.json").is_file() else f"{path} is not a diffusers pipeline folder (no model_index.json). {_how_to_provide(base)}"
+    from huggingface_hub import try_to_load_from_cache
+
+    if base.count("/") == 1 and isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+        return None
+    return f"base '{base}' is not a local folder or checkpoint, nor in the Hugging Face cache. {_how_to_provide(base)}"
+
+
 def weights_sha256(base: str) -> str:
     """sha256 over a base's weight files (sorted by path), or of a single checkpoint file; '' for a Hub id."""
     path = Path(base).expanduser()

@@ -1,0 +1,233 @@
+"""`fangzhi analyze`: from ratings (study DB or wide file) to Table 2, paired tests, reliability and a report.
+
+Everything is computed before anything is written, so bad input never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import Field, model_validator
+
+from fangzhi.config import StrictModel
+from fangzhi.errors import FangzhiError
+from fangzhi.evaluate import power as power_mod
+from fangzhi.evaluate import reliability, report, stats, table
+from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, read_study_db, validate_ratings
+
+CLIP_COLUMNS = ("clip_score", "style_similarity")
+
+
+class AnalyzeConfig(StrictModel):
+    """Settings of one analysis run (CLI flags map one-to-one onto these keys)."""
+
+    db: Path | None = None  # rating study DuckDB written by the rating app
+    ratings: Path | None = None  # or a wide ratings file (.csv / .parquet)
+    out: Path
+    sd_over: Literal["images", "ratings", "raters"] = "images"
+    drop_bad_rows: bool = False
+    clip: Path | None = None  # optional clip_scores.csv for the CLIP vs human part
+    baseline_arm: str = "base"
+    bootstrap: int = Field(10_000, ge=100)
+    seed: int = 0
+    title_note: str | None = None  # e.g. "simulated": shown in every table, plot and report title
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "AnalyzeConfig":
+        if self.db is not None and self.ratings is not None:
+            raise ValueError("give either db or ratings, not both")
+        return self
+
+
+class PowerConfig(StrictModel):
+    """Settings of `fangzhi analyze power`."""
+
+    from_ratings: Path | None = None  # estimate variance components from these ratings; else use the given ones
+    baseline_arm: str = "base"
+    diff: float = Field(0.3, gt=0)  # difference in mean score (1–5 scale) to detect
+    power: float = Field(0.8, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    raters: list[int] = [2, 4, 6]
+    prompts: list[int] = [8, 16, 32]
+    seeds_per_prompt: int = Field(1, ge=1)
+    sims: int = Field(500, ge=50)
+    seed: int = 0
+    components: power_mod.VarianceComponents = power_mod.VarianceComponents()
+    out: Path | None = None
+
+
+def load_ratings(config: AnalyzeConfig, frame: pd.DataFrame | None = None) -> tuple[pd.DataFrame, BadRows, str]:
+    if frame is not None:
+        clean, bad = validate_ratings(frame, source="ratings table", positions=[f"row {i}" for i in range(1, len(frame) + 1)], drop_bad_rows=config.drop_bad_rows)
+        return clean, bad, "ratings table (in memory)"
+    if config.db is not None:
+        clean, bad = read_study_db(config.db, drop_bad_rows=config.drop_bad_rows)
+        return clean, bad, str(config.db)
+    if config.ratings is not None:
+        clean, bad = read_ratings_file(config.ratings, drop_bad_rows=config.drop_bad_rows)
+        return clean, bad, str(config.ratings)
+    raise FangzhiError("analyze: give --db STUDY.duckdb or --ratings FILE")
+
+
+def clip_correlations(ratings: pd.DataFrame, clip_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join CLIP numbers to image-level human scores on (arm, prompt, seed); Spearman rho per pair of scores."""
+    if not clip_path.is_file():
+        raise FangzhiError(f"CLIP scores file not found: {clip_path}")
+    clip = pd.read_csv(clip_path, dtype={"arm": str, "prompt": str})
+    missing = [c for c in ("arm", "prompt", "seed") if c not in clip.columns]
+    present = [c for c in CLIP_COLUMNS if c in clip.columns]
+    if missing or not present:
+        raise FangzhiError(f"{clip_path}: needs columns arm, prompt, seed and at least one of {', '.join(CLIP_COLUMNS)}")
+    images = table.unit_scores(ratings, "images")
+    joined = images.merge(clip[["arm", "prompt", "seed", *present]], on=["arm", "prompt", "seed"], how="inner")
+    if joined.empty:
+        raise FangzhiError(f"{clip_path}: no (arm, prompt, seed) matches the ratings; check that both come from the same generation run")
+    rows = []
+    for clip_column in present:
+        for score in table.SCORE_ROWS:
+            varies = len(joined) > 2 and joined[clip_column].nunique() > 1 and joined[score].nunique() > 1
+            rho = joined[clip_column].corr(joined[score], method="spearman") if varies else float("nan")
+            rows.append({"clip_metric": clip_column, "human_score": score, "spearman_rho": rho, "n_images": len(joined)})
+    return joined, pd.DataFrame(rows)
+
+
+def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
+    """Run the whole analysis and write `config.out`; returns the output folder.
+
+    `ratings` lets a caller (the demo) pass a wide-format DataFrame instead of a file or DB.
+    """
+    all_ratings, bad_rows, source = load_ratings(config, ratings)
+    main = main_ratings(all_ratings)
+    if main.empty:
+        raise FangzhiError(f"{source}: no 'main' ratings to analyse")
+    arms = table.arm_order(main, config.baseline_arm)
+    note_suffix = config.title_note
+
+    summary = table.summary_table(main, config.sd_over, arms)
+    paper = table.paper_table(summary, arms)
+    title = table.table_title(note_suffix)
+    note = table.table_note(summary, config.sd_over)
+    comparisons = stats.compare_arms(main, config.baseline_arm, arms, config.bootstrap, config.seed) if len(arms) > 1 else pd.DataFrame()
+    reliability_rows = reliability.reliability_table(main)
+    retest = reliability.retest_agreement(all_ratings)
+    attention = reliability.attention_failures(all_ratings)
+    per_rater = table.breakdown(main, "rater")
+    per_prompt = table.breakdown(main, "prompt")
+    clip_joined, clip_rho = clip_correlations(main, config.clip) if config.clip is not None else (None, None)
+
+    n_images = main.groupby(["arm", "prompt", "seed"], sort=False, observed=True).ngroups
+    attention_failed = int(attention["failures"].sum()) if attention is not None else 0
+    counts = {
+        "source": source,
+        "n_raters": int(main["rater"].nunique()),
+        "n_images": int(n_images),
+        "n_prompts": int(main["prompt"].nunique()),
+        "n_main_ratings": int(len(main)),
+        "n_retest_ratings": int((all_ratings.get("kind") == "retest").sum()) if "kind" in all_ratings else 0,
+        "n_attention_items": int(attention["items"].sum()) if attention is not None else 0,
+        "n_attention_failures": attention_failed,
+        "n_bad_rows_dropped": len(bad_rows),
+        "arms": arms,
+    }
+
+    figures = {
+        "means.png": report.plot_means(summary, arms, table.UNIT_NOTES[config.sd_over], note_suffix),
+        "distributions.png": report.plot_distributions(main, arms, note_suffix),
+        "rater_heatmap.png": report.plot_rater_heatmap(per_rater, arms, note_suffix),
+    }
+    if clip_joined is not None:
+        present = [c for c in CLIP_COLUMNS if c in clip_joined.columns]
+        figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
+
+    # --- everything computed; now write ---
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = table.to_markdown(paper, title, note)
+    (out / "table2.md").write_text(markdown, encoding="utf-8")
+    (out / "table2.tex").write_text(table.to_latex(paper, title, note), encoding="utf-8")
+    table.to_csv_frame(summary, arms).to_csv(out / "table2.csv", index=False, float_format="%.2f")
+    comparisons.to_csv(out / "comparisons.csv", index=False)
+    reliability_rows.to_csv(out / "reliability.csv", index=False)
+    per_rater.to_csv(out / "per_rater.csv", index=False)
+    per_prompt.to_csv(out / "per_prompt.csv", index=False)
+    for name, png in figures.items():
+        (out / name).write_bytes(png)
+
+    report.write_json(
+        out / "results.json",
+        {
+            "title": title,
+            "config": config.model_dump(mode="json"),
+            "counts": counts,
+            "table_unit": config.sd_over,
+            "table_note": note,
+            "summary": summary,
+            "comparisons": comparisons,
+            "test_note": stats.WILCOXON_NOTE,
+            "reliability": reliability_rows,
+            "retest": retest,
+            "attention": attention,
+            "per_rater": per_rater,
+            "per_prompt": per_prompt,
+            "clip_spearman": clip_rho,
+            "bad_rows": [{"where": w, "reason": r} for w, r in bad_rows.problems],
+        },
+    )
+
+    facts = [
+        f"Source: {source}",
+        f"Rests on {counts['n_raters']} raters, {counts['n_images']} images ({counts['n_prompts']} prompts, arms: {', '.join(arms)}), {counts['n_main_ratings']} ratings.",
+        f"QC: {counts['n_attention_failures']} attention-check failures out of {counts['n_attention_items']} items; {counts['n_retest_ratings']} retest ratings; {counts['n_bad_rows_dropped']} bad rows dropped.",
+    ]
+    flagged = reliability_rows.loc[reliability_rows["alpha_flag"], "dimension"].tolist()
+    if flagged:
+        facts.append(f"Low agreement (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {', '.join(flagged)}.")
+    sections = [
+        ("Paired comparisons", stats.WILCOXON_NOTE, comparisons if not comparisons.empty else None),
+        ("Inter-rater reliability", "Krippendorff's alpha (ordinal) over all images; ICC(2,1) and ICC(2,k) over images every rater scored.", reliability_rows),
+    ]
+    if retest is not None:
+        sections.append(("Test–retest agreement", "A rater's retest rating against their first rating of the same image.", retest))
+    if attention is not None:
+        sections.append(("Attention checks", "An item fails when its style score differs from the score the instructions asked for.", attention))
+    if clip_rho is not None:
+        sections.append(("CLIP vs human", "Spearman correlation over images of CLIP numbers with the rater-averaged human scores.", clip_rho))
+    sections.append(("Per rater", "Mean score per rater and arm.", per_rater))
+    if per_prompt["prompt"].nunique() <= 200:
+        sections.append(("Per prompt", "Mean score per prompt and arm.", per_prompt))
+    else:
+        sections.append(("Per prompt", "Too many prompts to show here; see per_prompt.csv.", None))
+    report.write_html(out / "report.html", report.titled("Human ratings analysis", note_suffix), facts, title, paper, note, sections, figures)
+    return out
+
+
+def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Power grid, smallest sufficient designs, and a short text summary; writes power.csv/.json when `out` is set."""
+    if config.from_ratings is not None:
+        ratings, _ = read_ratings_file(config.from_ratings)
+        components = power_mod.estimate_components(main_ratings(ratings), config.baseline_arm)
+        origin = f"variance components estimated from {config.from_ratings}"
+    else:
+        components = {"any dimension": config.components}
+        origin = "given variance components"
+    grid = power_mod.power_grid(components, config.diff, config.raters, config.prompts, config.seeds_per_prompt, config.sims, config.alpha, config.seed)
+    best = power_mod.smallest_designs(grid, config.power)
+    lines = [f"Power to detect a mean difference of {config.diff} (Wilcoxon, image-level pairs, alpha {config.alpha}, {config.sims} simulations; {origin}):"]
+    pivot = grid.pivot_table(index=["score", "n_raters"], columns="n_prompts", values="power", sort=False)
+    lines.append(pivot.to_string(float_format=lambda v: f"{v:.2f}"))
+    for score in components:
+        hit = best.loc[best["score"] == score]
+        if hit.empty:
+            lines.append(f"{score}: no design in the grid reaches power {config.power}; try more raters or prompts")
+        else:
+            row = hit.iloc[0]
+            lines.append(f"{score}: {row.n_raters} raters × {row.n_prompts} prompts ({row.n_ratings} ratings) reach power {row.power:.2f} ≥ {config.power}")
+    text = "\n".join(lines)
+    if config.out is not None:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        grid.to_csv(out / "power.csv", index=False)
+        report.write_json(out / "power.json", {"config": config.model_dump(mode="json"), "components": power_mod.components_as_dict(components), "grid": grid, "smallest": best, "summary": text})
+    return grid, best, text

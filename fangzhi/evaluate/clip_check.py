@@ -1,0 +1,214 @@
+"""`fangzhi clip-check`: the CI regression gate on CLIP numbers.
+
+It scores a fixed set of images (a generation manifest) and compares each image with the same
+(arm, prompt, seed) in a stored baseline. A metric regresses when both hold:
+
+- a paired one-sided Wilcoxon signed-rank test says current < baseline (p < alpha), and
+- the mean drop is larger than the tolerance (CLIP-score points; cosine units for style similarity),
+
+so a consistent but negligible drop (say, GPU vs CPU arithmetic) passes, and so does one unlucky image.
+The baseline records the model, a hash of its weights, the reference set, prompts and seeds; the check
+refuses (exit 2) to compare numbers made with anything else. Exit codes: 0 pass, 1 regression, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from fangzhi.config import StrictModel
+from fangzhi.errors import FangzhiError
+from fangzhi.evaluate.clip_score import find_reference_images, json_ready, read_manifest, reference_set_sha256, score_manifest
+from fangzhi.models.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_model_identity, clip_weights_sha256, load_clip
+
+BASELINE_FORMAT = "fangzhi-clip-baseline/1"
+PAIR_KEY = ["arm", "prompt", "seed"]
+
+
+class ClipCheckConfig(StrictModel):
+    """`fangzhi clip-check`: compare a manifest's CLIP numbers with a stored baseline."""
+
+    images: Path  # generation manifest (manifest.jsonl) of the fixed prompt/seed set
+    baseline: Path  # baseline JSON, e.g. results/clip_baseline.json
+    update_baseline: bool = False  # accept the current numbers as the new baseline
+    tolerance: float = Field(0.5, ge=0)  # allowed mean drop in CLIP score (points on the 0–100 scale)
+    style_tolerance: float = Field(0.005, ge=0)  # allowed mean drop in style similarity (cosine)
+    alpha: float = Field(0.05, gt=0, lt=1)  # level of the one-sided paired Wilcoxon test
+    model: str = DEFAULT_CLIP_MODEL
+    pretrained: str = DEFAULT_CLIP_PRETRAINED
+    reference_images: Path | None = None
+    batch_size: int = Field(16, ge=1)
+    device: str = "auto"
+    out: Path | None = None  # report JSON; default: clip_check.json beside the manifest
+
+
+def clip_check(config: ClipCheckConfig) -> int:
+    manifest = read_manifest(config.images)
+    prompts = _prompt_texts(manifest, config.images)
+    # Fail on an unusable baseline before spending time on the model.
+    baseline = None if config.update_baseline else read_baseline(config.baseline)
+    _check_enough_pairs(len(manifest), config.alpha, config.images)
+
+    clip = load_clip(config.model, config.pretrained, config.device)
+    identity = {
+        "model": clip_model_identity(config.model, config.pretrained),
+        "weights_sha256": clip_weights_sha256(clip[0]),
+        "reference_images_sha256": reference_set_sha256(find_reference_images(config.reference_images)) if config.reference_images else None,
+    }
+    scores = score_manifest(config.images, clip, config.reference_images, config.batch_size)
+
+    if config.update_baseline:
+        write_baseline(config, identity, prompts, manifest, scores)
+        print(f"baseline updated: {config.baseline} ({len(scores)} images, mean CLIP score {scores['clip_score'].mean():.3f})")
+        return 0
+
+    _check_comparable(baseline, identity, prompts, scores, config.baseline)
+    paired = scores.merge(pd.DataFrame(baseline["images"]), on=PAIR_KEY, suffixes=("", "_baseline"))
+    metrics = [("clip_score", config.tolerance)]
+    if identity["reference_images_sha256"] is not None:
+        metrics.append(("style_similarity", config.style_tolerance))
+    results = [compare_metric(paired, metric, tolerance, config.alpha) for metric, tolerance in metrics]
+    passed = not any(result["regression"] for result in results)
+
+    print(_format_report(paired, results, passed))
+    out = config.out or config.images.parent / "clip_check.json"
+    report = {
+        "verdict": "pass" if passed else "regression",
+        "manifest": str(config.images), "baseline": str(config.baseline), **identity,
+        "tolerance": config.tolerance, "style_tolerance": config.style_tolerance, "alpha": config.alpha,
+        "metrics": results,
+        "by_prompt": _by_prompt(paired, [metric for metric, _ in metrics]).to_dict(orient="records"),
+        "images": paired[[*PAIR_KEY, "image_id", "clip_score", "clip_score_baseline", "style_similarity", "style_similarity_baseline"]].to_dict(orient="records"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_ready(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0 if passed else 1
+
+
+def compare_metric(paired: pd.DataFrame, metric: str, tolerance: float, alpha: float) -> dict:
+    """One-sided paired Wilcoxon (current < baseline) plus the tolerance on the mean drop."""
+    from scipy import stats
+
+    current, baseline = paired[metric].to_numpy(float), paired[f"{metric}_baseline"].to_numpy(float)
+    mean_drop = float(baseline.mean() - current.mean())
+    if np.all(current == baseline):
+        p_value = 1.0  # identical numbers: no evidence of a drop (scipy cannot rank all-zero differences)
+    else:
+        p_value = float(stats.wilcoxon(current, baseline, alternative="less").pvalue)
+    significant = p_value < alpha
+    beyond_tolerance = mean_drop > tolerance
+    return {
+        "metric": metric, "n_pairs": len(paired),
+        "baseline_mean": float(baseline.mean()), "current_mean": float(current.mean()), "mean_drop": mean_drop,
+        "tolerance": tolerance, "wilcoxon_p_less": p_value, "alpha": alpha,
+        "significant": bool(significant), "beyond_tolerance": bool(beyond_tolerance),
+        "regression": bool(significant and beyond_tolerance),
+    }
+
+
+def read_baseline(path: Path) -> dict:
+    if not path.is_file():
+        raise FangzhiError(f"baseline not found: {path}; create it from known-good images with --update-baseline")
+    try:
+        baseline = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FangzhiError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(baseline, dict) or baseline.get("format") != BASELINE_FORMAT:
+        raise FangzhiError(f"{path}: not a fangzhi CLIP baseline (expected \"format\": \"{BASELINE_FORMAT}\"); recreate it with --update-baseline")
+    missing = [key for key in ("model", "weights_sha256", "reference_images_sha256", "prompts", "seeds", "images") if key not in baseline]
+    if missing:
+        raise FangzhiError(f"{path}: baseline lacks key(s) {', '.join(missing)}; recreate it with --update-baseline")
+    return baseline
+
+
+def write_baseline(config: ClipCheckConfig, identity: dict, prompts: dict[str, str], manifest: pd.DataFrame, scores: pd.DataFrame) -> None:
+    images = scores.merge(manifest[["image_id", "image_sha256"]], on="image_id")
+    baseline = {
+        "format": BASELINE_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "manifest": str(config.images),
+        **identity,
+        "pretrained": config.pretrained,
+        "prompts": prompts,
+        "seeds": sorted(int(seed) for seed in set(scores["seed"])),
+        "images": images[[*PAIR_KEY, "image_id", "image_sha256", "clip_score", "style_similarity"]].to_dict(orient="records"),
+    }
+    config.baseline.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed, so an interrupted update leaves the old baseline intact.
+    temporary = config.baseline.with_name(config.baseline.name + ".tmp")
+    temporary.write_text(json.dumps(json_ready(baseline), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, config.baseline)
+
+
+def _prompt_texts(manifest: pd.DataFrame, manifest_path: Path) -> dict[str, str]:
+    texts = manifest.groupby("prompt")["prompt_en"].unique()
+    ambiguous = [prompt for prompt, values in texts.items() if len(values) > 1]
+    if ambiguous:
+        raise FangzhiError(f"{manifest_path}: prompt_id {ambiguous[0]!r} has different prompt_en texts on different lines; CLIP scores need one text per prompt")
+    return {prompt: str(values[0]) for prompt, values in sorted(texts.items())}
+
+
+def _check_enough_pairs(n_pairs: int, alpha: float, manifest_path: Path) -> None:
+    # With n pairs the smallest one-sided Wilcoxon p-value is 2^-n; below that the gate could never fail.
+    if 0.5 ** n_pairs >= alpha:
+        needed = math.floor(math.log2(1 / alpha)) + 1
+        raise FangzhiError(
+            f"{manifest_path}: {n_pairs} images are too few for the gate: a one-sided Wilcoxon test on {n_pairs} pairs "
+            f"can never reach alpha={alpha}; use at least {needed} images (prompts × seeds × arms) or a larger --alpha"
+        )
+
+
+def _check_comparable(baseline: dict, identity: dict, prompts: dict[str, str], scores: pd.DataFrame, baseline_path: Path) -> None:
+    differences = []
+    for key, what in (("model", "CLIP model"), ("weights_sha256", "CLIP weights (sha256)"), ("reference_images_sha256", "reference images (sha256 of the set)")):
+        if baseline[key] != identity[key]:
+            differences.append(f"{what}: baseline {baseline[key]}, now {identity[key]}")
+    if baseline["prompts"] != prompts:
+        changed = sorted(set(baseline["prompts"].items()) ^ set(prompts.items()))
+        differences.append(f"prompts differ (first: {changed[0][0]!r}: {changed[0][1]!r})")
+    seeds = sorted(int(seed) for seed in set(scores["seed"]))
+    if baseline["seeds"] != seeds:
+        differences.append(f"seeds: baseline {baseline['seeds']}, now {seeds}")
+    baseline_keys = {(image["arm"], image["prompt"], int(image["seed"])) for image in baseline["images"]}
+    current_keys = set(zip(scores["arm"], scores["prompt"], scores["seed"].astype(int)))
+    if not differences and baseline_keys != current_keys:
+        differences.append(f"(arm, prompt, seed) sets differ: {len(baseline_keys - current_keys)} only in the baseline, {len(current_keys - baseline_keys)} only now")
+    if differences:
+        raise FangzhiError(
+            f"{baseline_path}: refusing to compare with a baseline made differently:\n  " + "\n  ".join(differences)
+            + "\nRun with the baseline's model/images, or accept the new setup with --update-baseline."
+        )
+
+
+def _by_prompt(paired: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    columns = {}
+    for metric in metrics:
+        columns[f"{metric}_baseline"] = (f"{metric}_baseline", "mean")
+        columns[metric] = (metric, "mean")
+    table = paired.groupby("prompt", sort=True).agg(n=("image_id", "size"), **columns).reset_index()
+    for metric in metrics:
+        table[f"{metric}_change"] = table[metric] - table[f"{metric}_baseline"]
+    return table
+
+
+def _format_report(paired: pd.DataFrame, results: list[dict], passed: bool) -> str:
+    metrics = [result["metric"] for result in results]
+    table = _by_prompt(paired, metrics)
+    lines = ["per prompt (means over seeds and arms):", table.to_string(index=False, float_format=lambda x: f"{x:.4f}"), ""]
+    for r in results:
+        verdict = "REGRESSION" if r["regression"] else "ok"
+        lines.append(
+            f"{r['metric']}: baseline {r['baseline_mean']:.4f} -> now {r['current_mean']:.4f} (drop {r['mean_drop']:+.4f}, tolerance {r['tolerance']}); "
+            f"one-sided Wilcoxon p = {r['wilcoxon_p_less']:.4g} (alpha {r['alpha']}) over {r['n_pairs']} images: {verdict}"
+        )
+    lines.append("PASS" if passed else "FAIL: CLIP numbers regressed against the baseline")
+    return "\n".join(lines)
+

@@ -1,0 +1,350 @@
+"""Human-ratings analysis: known answers (hand-computed Table 2, Krippendorff's and Shrout & Fleiss's
+published examples), agreement with scipy/pingouin, line-numbered errors, and a small end-to-end run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pingouin as pg
+import pytest
+from scipy import stats as sps
+
+from fangzhi.cli import main as cli_main
+from fangzhi.errors import FangzhiError
+from fangzhi.evaluate.analyze import AnalyzeConfig, PowerConfig, analyze, run_power
+from fangzhi.evaluate.power import VarianceComponents, simulate_ratings, simulated_power
+from fangzhi.evaluate.ratings import read_ratings_file
+from fangzhi.evaluate.reliability import icc2, krippendorff_alpha, reliability_table
+from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm
+from fangzhi.evaluate.table import arm_order, paper_table, summary_table, to_csv_frame
+
+HEADER = "rater,arm,prompt,seed,style,match,detail,beauty"
+# Two raters, two image pairs. Image means (style, match, detail, beauty; comprehensive):
+#   base p1 (4, 4, 3, 3.5; 3.625)   base p2 (2, 2, 3, 2.5; 2.375)
+#   lora p1 (4.5, 5, 4, 4.5; 4.5)   lora p2 (4.5, 4, 4, 3.5; 4.0)
+SMALL_ROWS = [
+    "A,base,p1,0,3,4,2,3",
+    "B,base,p1,0,5,4,4,4",
+    "A,base,p2,0,2,3,3,1",
+    "B,base,p2,0,2,1,3,4",
+    "A,lora,p1,0,5,5,4,4",
+    "B,lora,p1,0,4,5,4,5",
+    "A,lora,p2,0,4,4,5,3",
+    "B,lora,p2,0,5,4,3,4",
+]
+
+
+def write_csv(path, rows, header=HEADER):
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    return write_csv(tmp_path / "ratings.csv", SMALL_ROWS)
+
+
+# --- Table 2 ---------------------------------------------------------------------------------
+
+
+def test_table2_over_images_matches_hand_computation(small_csv):
+    ratings, bad = read_ratings_file(small_csv)
+    assert len(bad) == 0
+    arms = arm_order(ratings, "base")
+    table = paper_table(summary_table(ratings, "images", arms), arms)
+    # By hand: SD of two values a, b is |a - b| / sqrt(2).
+    assert table["base"].tolist() == ["3.0 ± 1.4", "3.0 ± 1.4", "3.0 ± 0.0", "3.0 ± 0.7", "3.00 ± 0.88"]
+    assert table["lora"].tolist() == ["4.5 ± 0.0", "4.5 ± 0.7", "4.0 ± 0.0", "4.0 ± 0.7", "4.25 ± 0.35"]
+
+
+def test_table2_other_units_and_csv(small_csv):
+    ratings, _ = read_ratings_file(small_csv)
+    arms = ["base", "lora"]
+    over_ratings = summary_table(ratings, "ratings", arms).set_index(["score", "arm"])
+    # base style ratings 3, 5, 2, 2: mean 3, SS 6, var 6/3 = 2.
+    assert over_ratings.loc[("style", "base"), "sd"] == pytest.approx(math.sqrt(2))
+    assert over_ratings.loc[("style", "base"), "n"] == 4
+    # base per-rating comprehensive 3, 4.25, 2.25, 2.5: SS 2.375, var 2.375/3.
+    assert over_ratings.loc[("comprehensive", "base"), "sd"] == pytest.approx(math.sqrt(2.375 / 3))
+    over_raters = summary_table(ratings, "raters", arms).set_index(["score", "arm"])
+    # rater A's base style mean 2.5, rater B's 3.5.
+    assert over_raters.loc[("style", "base"), "sd"] == pytest.approx(math.sqrt(0.5))
+    assert over_raters.loc[("style", "base"), "n"] == 2
+    csv = to_csv_frame(summary_table(ratings, "images", arms), arms).set_index("key")
+    assert csv.loc["comprehensive", ["base_mean", "base_sd", "base_n"]].tolist() == [3.0, 0.88, 2]
+    assert csv.loc["comprehensive", "lora_sd"] == 0.35
+
+
+def test_parquet_and_extra_columns_give_the_same_ratings(small_csv, tmp_path):
+    from_csv, _ = read_ratings_file(small_csv)
+    extra = pd.read_csv(small_csv).assign(comment="ok")
+    extra.to_parquet(tmp_path / "ratings.parquet")
+    from_parquet, _ = read_ratings_file(tmp_path / "ratings.parquet")
+    pd.testing.assert_frame_equal(from_csv, from_parquet)
+
+
+# --- Bad input -------------------------------------------------------------------------------
+
+
+def test_bad_rows_are_reported_with_file_line_numbers(tmp_path):
+    rows = [
+        "A,base,p1,0,3,4,2,3",  # line 2 ok
+        "A,base,p2,0,0,4,2,3",  # line 3 score 0
+        "A,base,p3,0,3,6,2,3",  # line 4 score 6
+        "A,base,p4,0,3,4,good,3",  # line 5 text
+        ",base,p5,0,3,4,2,3",  # line 6 missing rater
+        "A,base,p1,0,3,4,2,3",  # line 7 duplicate of line 2
+        "A,base,p6,0,3,4,2.5,3",  # line 8 not an integer
+        "B,base,p1,0,3,4,2,3",  # line 9 ok
+    ]
+    path = write_csv(tmp_path / "bad.csv", rows)
+    with pytest.raises(FangzhiError) as err:
+        read_ratings_file(path)
+    message = str(err.value)
+    assert "7 bad rating row(s)" in message  # both copies of the duplicate count
+    assert "line 3: style is '0'" in message
+    assert "line 4: match is '6'" in message
+    assert "line 5: detail is 'good'" in message
+    assert "line 6: missing rater" in message
+    assert "line 7: duplicate" in message and "first at line 2" in message
+    assert "line 8: detail is '2.5'" in message
+    assert str(path) in message and "--drop-bad-rows" in message
+
+    with pytest.warns(UserWarning):
+        clean, bad = read_ratings_file(path, drop_bad_rows=True)
+    # Both copies of the duplicate are dropped: there is no telling which one is right.
+    assert len(bad) == 7 and clean["rater"].tolist() == ["B"]
+
+
+def test_drop_bad_rows_keeps_the_good_ones(tmp_path):
+    path = write_csv(tmp_path / "mixed.csv", [*SMALL_ROWS, "C,lora,p1,0,5,5,5,9"])
+    with pytest.warns(UserWarning, match="line 10"):
+        clean, bad = read_ratings_file(path, drop_bad_rows=True)
+    assert len(clean) == len(SMALL_ROWS) and [w for w, _ in bad.problems] == ["line 10"]
+
+
+def test_blank_line_keeps_line_numbers_and_missing_column_is_named(tmp_path):
+    path = tmp_path / "blank.csv"
+    path.write_text(HEADER + "\nA,base,p1,0,3,4,2,3\n\nA,base,p2,0,7,4,2,3\n", encoding="utf-8")
+    with pytest.raises(FangzhiError, match="line 3: empty line\n  line 4: style is '7'"):
+        read_ratings_file(path)
+    path.write_text("rater,arm,prompt,seed,style,match,detail\nA,base,p1,0,3,4,2\n", encoding="utf-8")
+    with pytest.raises(FangzhiError, match="missing column"):
+        read_ratings_file(path)
+
+
+def test_parquet_errors_name_rows(tmp_path):
+    frame = pd.read_csv(pd.io.common.StringIO("\n".join([HEADER, *SMALL_ROWS])))
+    frame.loc[2, "beauty"] = 6
+    frame.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(FangzhiError, match="row 3: beauty is '6'"):
+        read_ratings_file(tmp_path / "bad.parquet")
+
+
+# --- Statistics against scipy / pingouin / hand computation ----------------------------------
+
+
+def paired_sample(n=30, seed=1):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(1, 6, (n, 4)).mean(axis=1)
+    other = np.clip(base + rng.integers(-1, 3, n) * 0.25, 1, 5)
+    return base, other
+
+
+def test_paired_tests_equal_scipy_and_pingouin():
+    base, other = paired_sample()
+    result = compare_pair(base, other, n_boot=2000, rng=np.random.default_rng(0))
+    wilcoxon = sps.wilcoxon(other, base, zero_method="wilcox")
+    assert result["wilcoxon_W"] == wilcoxon.statistic and result["wilcoxon_p"] == pytest.approx(wilcoxon.pvalue)
+    pg_w = pg.wilcoxon(other, base, correction=False)  # pingouin defaults to a continuity correction; scipy does not
+    assert result["wilcoxon_p"] == pytest.approx(pg_w["p_val"].iloc[0])
+    assert result["rank_biserial"] == pytest.approx(pg_w["RBC"].iloc[0])
+    ttest = sps.ttest_rel(other, base)
+    assert result["t"] == pytest.approx(ttest.statistic) and result["t_p"] == pytest.approx(ttest.pvalue)
+    pg_t = pg.ttest(other, base, paired=True)
+    assert result["t_p"] == pytest.approx(pg_t["p_val"].iloc[0])
+    # Cohen's dz is t / sqrt(n) for the paired t-test.
+    assert result["cohens_dz"] == pytest.approx(ttest.statistic / math.sqrt(len(base)))
+    assert result["ci95_low"] < result["mean_diff"] < result["ci95_high"]
+
+
+def test_rank_biserial_hand_example_and_all_tied_pairs():
+    # d = [1, -2, 3, 0]: zero dropped, ranks of |1|, |2|, |3| are 1, 2, 3: r = (1 + 3 - 2) / 6.
+    result = compare_pair(np.array([1.0, 4, 1, 2]), np.array([2.0, 2, 4, 2]), n_boot=200, rng=np.random.default_rng(0))
+    assert result["rank_biserial"] == pytest.approx(2 / 6) and result["n_zero_diff"] == 1
+    tied = compare_pair(np.ones(5), np.ones(5), n_boot=200, rng=np.random.default_rng(0))
+    assert math.isnan(tied["wilcoxon_p"]) and math.isnan(tied["t_p"]) and tied["mean_diff"] == 0
+
+
+def test_holm_hand_example():
+    # sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → monotone max 0.06.
+    adjusted = holm(np.array([0.01, 0.04, 0.03, 0.005, np.nan]))
+    np.testing.assert_allclose(adjusted[:4], [0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(adjusted[4])
+
+
+def test_bootstrap_by_value_counts_matches_ordinary_bootstrap():
+    diff = np.random.default_rng(3).integers(-2, 3, 200).astype(float)
+    low, high = bootstrap_mean_ci(diff, 20_000, np.random.default_rng(1))
+    resamples = np.random.default_rng(2).integers(0, diff.size, (20_000, diff.size))
+    ordinary = np.percentile(diff[resamples].mean(axis=1), [2.5, 97.5])
+    assert low == pytest.approx(ordinary[0], abs=0.02) and high == pytest.approx(ordinary[1], abs=0.02)
+
+
+# --- Reliability -----------------------------------------------------------------------------
+
+# Krippendorff (2011) "Computing Krippendorff's alpha-reliability", reliability data with missing values:
+# 4 observers × 12 units; published alpha: nominal 0.743, ordinal 0.815, interval 0.849.
+KRIPPENDORFF_EXAMPLE = [
+    [1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None],
+    [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+    [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None],
+    [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None],
+]
+
+
+def test_krippendorff_alpha_published_example():
+    units = [u for row in KRIPPENDORFF_EXAMPLE for u, v in enumerate(row) if v is not None]
+    values = [v for row in KRIPPENDORFF_EXAMPLE for v in row if v is not None]
+    units, values = np.array(units), np.array(values)
+    assert round(krippendorff_alpha(units, values, "ordinal"), 3) == 0.815
+    assert round(krippendorff_alpha(units, values, "nominal"), 3) == 0.743
+    assert round(krippendorff_alpha(units, values, "interval"), 3) == 0.849
+
+
+def test_icc_shrout_fleiss_example_and_pingouin():
+    # Shrout & Fleiss (1979), Table 2: 6 targets × 4 judges; ICC(2,1) = .29, ICC(2,4) = .62.
+    matrix = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], dtype=float)
+    icc_1, icc_k = icc2(matrix)
+    assert round(icc_1, 2) == 0.29 and round(icc_k, 2) == 0.62
+    rng = np.random.default_rng(5)
+    ratings = np.clip(rng.integers(1, 6, (15, 1)) + rng.integers(-1, 2, (15, 3)), 1, 5).astype(float)
+    long = pd.DataFrame([(t, r, ratings[t, r]) for t in range(15) for r in range(3)], columns=["t", "r", "y"])
+    pg_icc = pg.intraclass_corr(long, targets="t", raters="r", ratings="y").set_index("Type")["ICC"]
+    icc_1, icc_k = icc2(ratings)
+    # pingouin 0.7 names ICC(2,1) and ICC(2,k) "ICC(A,1)" and "ICC(A,k)" (absolute agreement).
+    assert icc_1 == pytest.approx(pg_icc["ICC(A,1)"]) and icc_k == pytest.approx(pg_icc["ICC(A,k)"])
+
+
+def test_reliability_all_equal_does_not_crash_and_low_alpha_is_flagged():
+    same = simulate_ratings(3, 4, 1, seed=0)
+    same[["style", "match", "detail", "beauty"]] = 3
+    table = reliability_table(same)
+    assert table["krippendorff_alpha_ordinal"].isna().all() and table["icc2_k"].isna().all()
+    assert table["note"].str.contains("undefined").all() and not table["alpha_flag"].any()
+    noisy = simulate_ratings(4, 20, 1, seed=1, components=VarianceComponents(rater_sd=0, pair_sd=0, image_sd=0, noise_sd=1.2))
+    assert reliability_table(noisy)["alpha_flag"].all()
+
+
+# --- Simulation and power --------------------------------------------------------------------
+
+
+def test_simulate_ratings_shape_and_effect():
+    frame = simulate_ratings(3, ["a", "b"], [0, 7], arms=("base", "lora"), effect=1.5, seed=2)
+    assert list(frame.columns) == ["rater", "arm", "prompt", "seed", "style", "match", "detail", "beauty"]
+    assert len(frame) == 3 * 2 * 2 * 2 and not frame.duplicated(["rater", "arm", "prompt", "seed"]).any()
+    assert frame[["style", "match", "detail", "beauty"]].isin(range(1, 6)).all().all()
+    means = frame.groupby("arm")[["style", "beauty"]].mean()
+    assert (means.loc["lora"] > means.loc["base"]).all()
+
+
+def test_power_is_near_alpha_without_effect_and_high_with_a_large_one():
+    components = VarianceComponents()
+    assert simulated_power(components, 0.0, 4, 16, sims=400, rng=np.random.default_rng(0)) < 0.1
+    assert simulated_power(components, 1.0, 4, 16, sims=200, rng=np.random.default_rng(0)) > 0.9
+
+
+def test_run_power_from_ratings(tmp_path):
+    path = tmp_path / "sim.csv"
+    simulate_ratings(4, 12, 1, effect=0.5, seed=4).to_csv(path, index=False)
+    grid, best, text = run_power(PowerConfig(from_ratings=path, raters=[2, 4], prompts=[8, 32], sims=100, out=tmp_path / "power"))
+    assert len(grid) == 4 * 2 * 2 and set(grid["score"]) == {"style", "match", "detail", "beauty"}
+    assert "raters" in text and (tmp_path / "power" / "power.json").is_file()
+    # More prompts never hurts much: power at 32 prompts ≥ power at 8 (up to simulation noise).
+    wide = grid.pivot_table(index=["score", "n_raters"], columns="n_prompts", values="power")
+    assert (wide[32] >= wide[8] - 0.1).all()
+
+
+# --- End to end ------------------------------------------------------------------------------
+
+
+def study_frame():
+    """Simulated main ratings plus one retest and two attention items, in the rating app's layout."""
+    frame = simulate_ratings(3, 6, 1, effect=0.8, seed=7).assign(kind="main", expected=np.nan)
+    retest = frame.iloc[[0]].assign(kind="retest")
+    attention = frame.iloc[[0, 1]].assign(kind="attention", prompt="attention", expected=[frame["style"].iloc[0], 6])
+    study = pd.concat([frame, retest, attention], ignore_index=True)
+    # As the rating app's store returns it: nullable integer `expected`, an opaque image id.
+    return study.astype({"expected": "Int64"}).assign(image_id=[f"{i:016x}" for i in range(len(study))])
+
+
+def test_analyze_end_to_end_with_qc_and_clip(tmp_path):
+    frame = study_frame()
+    images = frame.loc[frame["kind"] == "main"].drop_duplicates(["arm", "prompt", "seed"])
+    clip = images[["arm", "prompt", "seed"]].assign(image_id=range(len(images)), clip_score=np.linspace(0.2, 0.3, len(images)), style_similarity=np.linspace(0.6, 0.4, len(images)))
+    clip.to_csv(tmp_path / "clip_scores.csv", index=False)
+    config = AnalyzeConfig(out=tmp_path / "out", clip=tmp_path / "clip_scores.csv", bootstrap=200, title_note="simulated")
+    out = analyze(config, ratings=frame)
+    for name in ["table2.md", "table2.csv", "table2.tex", "comparisons.csv", "reliability.csv", "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png", "report.html"]:
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["counts"]["n_raters"] == 3 and results["counts"]["n_images"] == 12
+    assert results["counts"]["n_attention_failures"] == 1 and results["counts"]["n_retest_ratings"] == 1
+    assert results["retest"][0]["exact_agreement"] == 1.0
+    assert len(results["comparisons"]) == 2 * 5 and len(results["clip_spearman"]) == 2 * 5
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "(simulated)" in html and "3 raters" in html and "1 attention-check failures" in html
+    embedded = html.split("data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(embedded).startswith(b"\x89PNG")
+    assert "(simulated)" in (out / "table2.md").read_text(encoding="utf-8")
+    assert "over images" in (out / "table2.tex").read_text(encoding="utf-8")
+
+
+def test_cli_prints_table_and_reports_bad_file(tmp_path, small_csv, capsys):
+    assert cli_main(["analyze", "--ratings", str(small_csv), "--out", str(tmp_path / "cli"), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "4.25 ± 0.35" in printed and str(tmp_path / "cli") in printed
+    bad = write_csv(tmp_path / "bad.csv", ["A,base,p1,0,3,4,2,0"])
+    assert cli_main(["analyze", "--ratings", str(bad), "--out", str(tmp_path / "never")]) == 2
+    assert "line 2: beauty is '0'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_analyze_reads_a_rating_study_db(tmp_path):
+    """A real study DB built through the rating app's own creation and save paths."""
+    sample = pytest.importorskip("fangzhi.rating_app.sample")
+    from fangzhi.rating_app import store, study
+
+    manifest = sample.write_sample_manifest(tmp_path / "generation", n_prompts=3, size=64)
+    db = tmp_path / "study.duckdb"
+    study.create_study(manifest, db, ["ann", "bo", "cy"], qc_retest=1, qc_attention=1, seed=1)
+    items = store.list_assignments(db)
+    rng = np.random.default_rng(0)
+    rows = []
+    for item in items.itertuples():
+        scores = {d: int(rng.integers(1, 6)) for d in ("style", "match", "detail", "beauty")}
+        if item.kind == "attention" and item.rater != "ann":  # ann fails her attention check
+            scores["style"] = int(item.expected)
+        elif item.kind == "attention":
+            scores["style"] = int(item.expected) % 5 + 1
+        rows.append({"rater": item.rater, "position": item.position, **scores})
+    store.add_ratings(db, rows)
+
+    out = analyze(AnalyzeConfig(db=db, out=tmp_path / "out", bootstrap=200))
+    counts = json.loads((out / "results.json").read_text(encoding="utf-8"))["counts"]
+    n_main = int((items["kind"] == "main").sum())
+    assert counts["n_main_ratings"] == n_main and counts["n_raters"] == 3
+    assert counts["n_attention_items"] == 3 and counts["n_attention_failures"] == 1
+    assert counts["n_retest_ratings"] == 3
+
+
+def test_cli_power_with_given_components(tmp_path, capsys):
+    argv = ["analyze", "power", "--noise-sd", "0.3", "--diff", "1.0", "--sims", "50", "--raters", "2", "--prompts", "8,16", "--out", str(tmp_path / "pw")]
+    assert cli_main(argv) == 0
+    assert "reach power" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "pw" / "power.json").read_text(encoding="utf-8"))
+    assert saved["components"]["any dimension"]["noise_sd"] == 0.3 and len(saved["grid"]) == 2
