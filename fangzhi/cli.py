@@ -429,6 +429,70 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1, got '{text}'") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fangzhi.config import load_config
+    from fangzhi.generate.config import GenerateConfig, lora_arms_from_specs
+    from fangzhi.generate.run import generate
+
+    if args.lora_scale and not args.lora:
+        raise FangzhiError("--lora-scale applies to --lora flags; in a config file give loras: [{path: ..., scale: ...}]")
+    width = height = None
+    if args.size:
+        width_text, _, height_text = args.size.lower().partition("x")
+        try:
+            width, height = int(width_text), int(height_text or width_text)
+        except ValueError:
+            raise FangzhiError(f"--size: expected 512 or 512x768, got '{args.size}'") from None
+    overrides = {
+        "base": args.base, "prompts": args.prompts, "seeds": args.seeds, "out": args.out, "steps": args.steps,
+        "guidance_scale": args.cfg, "width": width, "height": height, "negative": args.negative,
+        "batch_size": args.batch_size, "trigger": args.trigger, "trigger_arms": args.trigger_arms, "dtype": args.dtype,
+        "compile": args.compile or None, "long_prompts": "truncate" if args.truncate_long_prompts else None,
+        "limit_prompts": args.limit_prompts, "contact_sheets": False if args.no_contact_sheets else None,
+        "loras": lora_arms_from_specs(args.lora, args.lora_scale) if args.lora else None,
+    }
+    generate(load_config(GenerateConfig, args.config, overrides))
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="paired images: a base arm and one arm per LoRA (and scale) for every prompt × seed, with a manifest",
+        description="For every prompt × seed, one image per arm with the same seed, scheduler, steps, CFG, size and text. "
+        "Defaults are the paper's (DDIM, 35 steps, CFG 7, 512x512, 'shuntianfuzhi style, PROMPT' in both arms). "
+        "Rerunning into the same --out skips finished images. Multi-GPU: accelerate launch -m fangzhi generate ...",
+    )
+    p.add_argument("--config", help="YAML/TOML file with GenerateConfig keys (flags win)")
+    p.add_argument("--base", help="Hub id, diffusers folder, or .safetensors/.ckpt checkpoint")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE[:LABEL]]",
+                   help="LoRA file or training folder, optionally with scale and arm label (e.g. out/lora:0.5:half); repeat for more arms")
+    p.add_argument("--lora-scale", type=_float_list, help="scales for --lora flags without one; each gives an arm, e.g. 0.5,1 (default 1)")
+    p.add_argument("--prompts", help="prompt set .yaml/.jsonl (default: the shipped Shuntian set)")
+    p.add_argument("--limit-prompts", type=int, metavar="N", help="use only the first N prompts")
+    p.add_argument("--seeds", help="e.g. 0-3 or 0,2,5 (default 0-3)")
+    p.add_argument("--out", help="output folder: images/, manifest.jsonl, contact_sheets/")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 35)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--size", help="512 or WIDTHxHEIGHT, multiples of 8 (default 512)")
+    p.add_argument("--negative", help="negative prompt for entries without one (default empty)")
+    p.add_argument("--batch-size", type=int, help="images per UNet call (default 4)")
+    p.add_argument("--trigger", help="trigger phrase put before each prompt (default 'shuntianfuzhi style'; '' for none)")
+    p.add_argument("--trigger-arms", choices=["both", "lora"], help="arms whose text gets the trigger (default both)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--truncate-long-prompts", action="store_true", help="cut prompts at 75 CLIP tokens instead of encoding them in chunks")
+    p.add_argument("--no-contact-sheets", action="store_true", help="skip OUT/contact_sheets/<prompt_id>.png")
+    p.set_defaults(func=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fangzhi", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -437,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(sub)
     _add_rate(sub)
     _add_train(sub)
+    _add_generate(sub)
     _add_lora(sub)
     _add_dataset(sub)
     _add_analyze(sub)

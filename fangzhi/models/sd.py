@@ -44,6 +44,10 @@ def _how_to_provide(base: str) -> str:
     )
 
 
+def _looks_like_hub_id(base: str) -> bool:
+    return base.count("/") == 1 and not base.startswith((".", "/", "~"))
+
+
 def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, single_file_config: str | None = None) -> StableDiffusionPipeline:
     """Load an SD v1.x pipeline from a Hub id, a local diffusers folder or a single .safetensors/.ckpt file.
 
@@ -62,7 +66,7 @@ def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, single_fi
             if not (path / "model_index.json").is_file():
                 raise FangzhiError(f"{path} is not a diffusers pipeline folder (no model_index.json). {_how_to_provide(base)}")
             pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-        elif base.count("/") == 1 and not base.startswith((".", "/", "~")):
+        elif _looks_like_hub_id(base):
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(base, **kwargs)
             except (OSError, ValueError):
@@ -90,7 +94,7 @@ def base_available(base: str) -> str | None:
         return None if (path / "model_index.json").is_file() else f"{path} is not a diffusers pipeline folder (no model_index.json). {_how_to_provide(base)}"
     from huggingface_hub import try_to_load_from_cache
 
-    if base.count("/") == 1 and isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+    if _looks_like_hub_id(base) and isinstance(try_to_load_from_cache(base, "model_index.json"), str):
         return None
     return f"base '{base}' is not a local folder or checkpoint, nor in the Hugging Face cache. {_how_to_provide(base)}"
 

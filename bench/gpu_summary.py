@@ -1,0 +1,71 @@
+"""Merge the benchmark JSONs into results/bench/gpu.json and gpu.md, with FLOP counts and model FLOP utilisation.
+
+FLOPs are counted, not guessed: torch's FlopCounterMode runs one SD v1.5-size UNet forward at 512 px
+(64×64 latents, batch 1). A training step at batch 2 is counted as forward + activation backward
+(about 2 forwards: the frozen weights need no weight gradients) for 2 images; an image at 35 DDIM
+steps with CFG 7 is 70 UNet forwards.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+BENCH = Path("results/bench")
+# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+
+def unet_forward_tflops() -> float:
+    from diffusers import UNet2DConditionModel
+
+    from fangzhi.models.sd import sd15_unet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd15_unet_config())
+        latents, hidden = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 768)
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, torch.tensor([500]), hidden)
+    return counter.get_total_flops() / 1e12
+
+
+def main() -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    peak = next((value for key, value in PEAK_BF16_TFLOPS.items() if key in device), None)
+    forward = unet_forward_tflops()
+    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "generate", "clip_bench") if (BENCH / f"{name}.json").exists()}
+    summary = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+               "unet_forward_tflops_512": round(forward, 3), "peak_bf16_tflops": peak, "parts": parts, "mfu": {}}
+    lines = [f"# GPU benchmark: {device}", "", f"torch {torch.__version__}; SD v1.5 UNet forward at 512 px = {forward:.3f} TFLOPs (counted)", ""]
+    for case in parts.get("train", {}).get("cases", []):
+        line = f"- train {case['case']}: {case['seconds_per_step']:.4f} s/step ({case['steps_per_second']} steps/s)"
+        if "peak_gpu_memory_gib" in case:
+            line += f", peak {case['peak_gpu_memory_gib']} GiB"
+        if peak and case["case"].startswith("sd15"):
+            achieved = 2 * forward * case["batch_size"] / case["seconds_per_step"]
+            summary["mfu"][case["case"]] = round(achieved / peak, 4)
+            line += f", MFU {achieved / peak:.1%}"
+        lines.append(line)
+    for case in parts.get("generate", {}).get("cases", []):
+        seconds = case.get("seconds_per_image")
+        if seconds is None:
+            continue
+        line = f"- generate {case.get('case', '')}: {seconds:.4f} s/image"
+        if peak and "sd15" in str(case.get("case", "")):
+            achieved = 70 * forward / seconds
+            summary["mfu"][f"generate {case.get('case')}"] = round(achieved / peak, 4)
+            line += f", MFU {achieved / peak:.1%}"
+        lines.append(line)
+    for result in parts.get("clip_bench", {}).get("results", []):
+        lines.append(f"- CLIP {result['model']} on {result['device']}: {result['end_to_end_images_per_s']:.1f} images/s end to end")
+    (BENCH / "gpu.json").write_text(json.dumps(summary, indent=2))
+    (BENCH / "gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

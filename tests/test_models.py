@@ -1,0 +1,62 @@
+"""Base-model loading in one place: the offline bases, and the messages when weights are missing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from fangzhi.cli import main
+from fangzhi.errors import FangzhiError
+from fangzhi.models import base_available, build_tiny_base, load_pipeline
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_tiny_base_is_deterministic_small_and_a_diffusers_folder(tiny_base, tmp_path: Path):
+    again = build_tiny_base(tmp_path / "again", seed=0)
+    assert folder_digest(Path(tiny_base)) == folder_digest(again)
+    other = build_tiny_base(tmp_path / "other", seed=1)
+    assert folder_digest(other)["unet/diffusion_pytorch_model.safetensors"] != folder_digest(again)["unet/diffusion_pytorch_model.safetensors"]
+    size_mb = sum(p.stat().st_size for p in Path(tiny_base).rglob("*") if p.is_file()) / 1e6
+    assert size_mb < 20
+    pipe = load_pipeline(tiny_base)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.scaling_factor == pytest.approx(0.18215)
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+
+@pytest.mark.parametrize(
+    "base, expected",
+    [
+        ("nobody/no-such-model", "nobody/no-such-model"),
+        ("/definitely/missing/model.safetensors", "model.safetensors"),
+        ("./missing-folder", "missing-folder"),
+    ],
+)
+def test_missing_weights_give_one_clear_message(base: str, expected: str):
+    with pytest.raises(FangzhiError) as caught:
+        load_pipeline(base)
+    message = str(caught.value)
+    assert expected in message and "--base" in message and "fangzhi base tiny" in message
+    assert base_available(base) is not None and expected in base_available(base)
+
+
+def test_folder_without_model_index_is_explained(tmp_path: Path):
+    with pytest.raises(FangzhiError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+
+
+def test_base_available_accepts_the_tiny_base(tiny_base):
+    assert base_available(tiny_base) is None
+
+
+def test_cli_base_command_and_missing_base_exit_codes(tmp_path: Path, capsys):
+    assert main(["base", "tiny", "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "model_index.json").is_file()
+    assert main(["generate", "--base", "nobody/no-such-model", "--out", str(tmp_path / "g"), "--seeds", "0"]) == 2
+    assert "nobody/no-such-model" in capsys.readouterr().err
