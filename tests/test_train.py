@@ -235,3 +235,33 @@ def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path)
     pipe.load_lora_weights(str(out))
     assert np.isfinite(render(pipe)).all()
     assert len((out / "loss.csv").read_text().splitlines()) == 5
+
+
+def test_latent_cache_gives_the_same_lora_as_encoding_every_step(tiny_base, tmp_path: Path):
+    fixed_crops = {"resolution": 64, "random_flip": False, "center_crop": True, "repeats": 2}
+    train(tiny_config(tiny_base, tmp_path / "plain", max_steps=8, data=fixed_crops))
+    train(tiny_config(tiny_base, tmp_path / "cached", max_steps=8, data=fixed_crops, cache_latents=True))
+    a = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "cached" / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_optional_training_features_run_and_validation_images_are_written(tiny_base, tmp_path: Path):
+    out = tmp_path / "features"
+    cfg = tiny_config(
+        tiny_base, out, max_steps=6, epochs=10, gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.05,
+        gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=2,
+        validation={"prompts": ["misty mountains"], "seeds": [0, 1], "every_epochs": 1, "steps": 2},
+    )
+    train(cfg)
+    rows = (out / "loss.csv").read_text().splitlines()[1:]
+    assert len(rows) == 6 and all(np.isfinite(float(r.split(",")[2])) for r in rows)
+    lrs = [float(r.split(",")[3]) for r in rows]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up, then cosine decay
+    assert sorted(p.name for p in (out / "validation" / "epoch-001").glob("*.png")) == ["prompt00-seed0.png", "prompt00-seed1.png"]
+
+
+def test_cache_latents_with_random_augmentation_is_a_config_error():
+    with pytest.raises(ValueError, match="cache_latents"):
+        TrainConfig.model_validate({"cache_latents": True, "data": {"random_flip": True}})
