@@ -117,6 +117,29 @@ def weights_sha256(base: str) -> str:
     return digest.hexdigest()
 
 
+def _sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, sample_size: int) -> AutoencoderKL:
+    """SD's VAE layout: one down/up block per width (three downsamples for four widths), 4 latent channels."""
+    return AutoencoderKL(
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        latent_channels=4,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=SD15_LATENT_SCALING,
+    )
+
+
+def _clip_text_config(hidden_size: int, layers: int, heads: int) -> CLIPTextConfig:
+    """CLIP ViT-L/14's text tower layout (BPE vocabulary, 77 tokens, quick-GELU) at the given size."""
+    return CLIPTextConfig(
+        hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_attention_heads=heads, num_hidden_layers=layers,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=hidden_size, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
 def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_config: CLIPTextConfig, out: Path, seed: int) -> Path:
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(text_config)
@@ -156,22 +179,8 @@ def build_tiny_base(out: str | Path, seed: int = 0) -> Path:
         norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SD15_LATENT_SCALING,
-    )
-    text_config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=49408, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
-    return _assemble(unet, vae, text_config, out, seed)
+    vae = _sd_vae((16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
+    return _assemble(unet, vae, _clip_text_config(32, layers=2, heads=4), out, seed)
 
 
 def sd15_unet_config() -> dict:
@@ -194,18 +203,5 @@ def build_sd15_random_base(out: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**sd15_unet_config())
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-        scaling_factor=SD15_LATENT_SCALING,
-    )
-    text_config = CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-        vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
-    return _assemble(unet, vae, text_config, out, seed)
+    vae = _sd_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
+    return _assemble(unet, vae, _clip_text_config(768, layers=12, heads=12), out, seed)
