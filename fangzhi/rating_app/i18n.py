@@ -1,0 +1,161 @@
+"""Every word the rating app shows, in Chinese and English, and the 1–5 anchors of each dimension.
+
+Anchors follow HEIM's human-evaluation questions: each scale point names what the rater should see,
+from the worst case (1) to the best (5), so that two raters mean the same thing by a "4".
+"""
+
+from __future__ import annotations
+
+from fangzhi.dimensions import DIMENSIONS
+
+LANGUAGES: tuple[str, ...] = ("zh", "en")
+LANGUAGE_NAMES = {"zh": "中文", "en": "English"}
+
+ANCHORS: dict[str, dict[str, tuple[str, str, str, str, str]]] = {
+    "style": {
+        "en": (
+            "Not the target style at all",
+            "Slight traces of the target style",
+            "Partly in the style, mixed with other styles",
+            "Clearly in the style, with minor deviations",
+            "Indistinguishable from the reference paintings' style",
+        ),
+        "zh": (
+            "完全不是目标风格",
+            "略有目标风格的痕迹",
+            "部分符合，夹杂其他风格",
+            "明显符合，仅有细微偏差",
+            "与参考作品的风格毫无二致",
+        ),
+    },
+    "match": {
+        "en": (
+            "Does not match the text at all",
+            "Matches only a few elements of the text",
+            "Matches the main subject but misses important details",
+            "Matches most of the text",
+            "Matches the text exactly",
+        ),
+        "zh": (
+            "与文字完全不符",
+            "仅有少数元素与文字相符",
+            "主体相符，但遗漏重要内容",
+            "大部分内容与文字相符",
+            "与文字完全吻合",
+        ),
+    },
+    "detail": {
+        "en": (
+            "Almost no detail: blurry or empty",
+            "Sparse detail",
+            "A moderate amount of detail",
+            "Rich detail",
+            "Extremely rich, fine detail throughout",
+        ),
+        "zh": (
+            "几乎没有细节：模糊或空洞",
+            "细节稀少",
+            "细节一般",
+            "细节丰富",
+            "细节极其丰富，处处精致",
+        ),
+    },
+    "beauty": {
+        "en": (
+            "Not aesthetically pleasing at all",
+            "Somewhat unpleasing",
+            "Neither pleasing nor unpleasing",
+            "Beautiful",
+            "Exceptionally beautiful, worthy of exhibition",
+        ),
+        "zh": (
+            "毫无美感",
+            "美感较弱",
+            "美感一般",
+            "富有美感",
+            "极具美感，堪称佳作",
+        ),
+    },
+}
+
+_TEXT: dict[str, dict[str, str]] = {
+    "title": {"zh": "绘画风格图像评分", "en": "Painting-style image rating"},
+    "language": {"zh": "语言 / Language", "en": "Language / 语言"},
+    "login_intro": {
+        "zh": "请打开邀请链接，或在下方输入您的评分码。",
+        "en": "Open your invitation link, or type your rating code below.",
+    },
+    "code": {"zh": "评分码", "en": "Rating code"},
+    "sign_in": {"zh": "进入", "en": "Sign in"},
+    "bad_token": {
+        "zh": "评分码无效或已被停用。请核对链接，或联系研究负责人。",
+        "en": "This code is unknown or has been revoked. Check your link or contact the study organiser.",
+    },
+    "signed_in_as": {"zh": "评分人：{name}", "en": "Rater: {name}"},
+    "instructions_title": {"zh": "评分说明", "en": "Instructions"},
+    "instructions": {
+        "zh": (
+            "您将逐张看到由计算机生成的图像。每张图像旁边附有它所依据的文字描述，以及几幅目标风格的参考作品。\n\n"
+            "请从以下四个方面为每张图像打 1–5 分（1 最差，5 最好），每个分数都附有说明：\n\n"
+            "{dimensions}\n\n"
+            "请依据您的专业判断独立评分，不必猜测图像的来源。可随时点击“上一张”修改已评分数；"
+            "中途离开后再次打开链接，会从第一张未评的图像继续。少数图像会重复出现，"
+            "也有个别页面会请您选择指定的分数，请照常认真作答。"
+        ),
+        "en": (
+            "You will see computer-generated images one at a time, each beside the text it was made from "
+            "and a few reference paintings of the target style.\n\n"
+            "Score every image from 1 (worst) to 5 (best) on four questions; each score has a description:\n\n"
+            "{dimensions}\n\n"
+            "Please judge independently, from your own expertise; there is no need to guess where an image "
+            "came from. Use Back at any time to revise a score; if you leave and open your link again you "
+            "continue at the first image you have not rated. A few images appear twice, and a few pages ask "
+            "you to choose a given score: please answer them as carefully as the rest."
+        ),
+    },
+    "start": {"zh": "开始评分", "en": "Start rating"},
+    "progress": {"zh": "已完成 {done} / {total}", "en": "{done} of {total} rated"},
+    "item_counter": {"zh": "第 {k} 张，共 {n} 张", "en": "Image {k} of {n}"},
+    "reference": {"zh": "目标风格参考作品", "en": "Reference paintings (target style)"},
+    "text_zh": {"zh": "文字描述", "en": "Text (Chinese)"},
+    "prompt_en": {"zh": "英文提示词", "en": "English prompt"},
+    "attention": {
+        "zh": "注意力检查：本页请在每个问题上都选择 {score} 分。",
+        "en": "Attention check: on this page, please choose {score} for every question.",
+    },
+    "comment": {"zh": "备注（可选）", "en": "Comment (optional)"},
+    "back": {"zh": "上一张", "en": "Back"},
+    "save_next": {"zh": "保存并继续", "en": "Save & next"},
+    "keyboard_hint": {
+        "zh": "提示：Tab 与方向键可在选项间移动，Ctrl+Enter 保存并继续。",
+        "en": "Tip: Tab and the arrow keys move between choices; Ctrl+Enter saves and goes on.",
+    },
+    "answer_all": {"zh": "请回答全部四个问题后再保存。", "en": "Please answer all four questions before saving."},
+    "saved": {"zh": "已保存。", "en": "Saved."},
+    "thanks_title": {"zh": "感谢您的参与！", "en": "Thank you!"},
+    "thanks": {
+        "zh": "您已完成全部评分，分数均已保存。您可以关闭此页面。",
+        "en": "You have rated every image and all your scores are saved. You may close this page.",
+    },
+    "review": {"zh": "返回检查我的评分", "en": "Review my scores"},
+    "revoked_while_rating": {"zh": "此评分码已被停用。", "en": "This code has been revoked."},
+}
+
+
+def text(key: str, lang: str, **fields: object) -> str:
+    message = _TEXT[key][lang]
+    return message.format(**fields) if fields else message
+
+
+def dimension_name(key: str, lang: str) -> str:
+    dimension = next(d for d in DIMENSIONS if d.key == key)
+    return dimension.name_zh if lang == "zh" else dimension.name_en
+
+
+def dimension_overview(lang: str) -> str:
+    """Markdown list of the four dimensions with their lowest and highest anchors, for the instructions."""
+    lines = []
+    for dimension in DIMENSIONS:
+        low, *_, high = ANCHORS[dimension.key][lang]
+        lines.append(f"- **{dimension_name(dimension.key, lang)}**: 1 = {low} … 5 = {high}")
+    return "\n".join(lines)

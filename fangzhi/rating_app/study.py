@@ -1,0 +1,269 @@
+"""Create a blind rating study from a generation manifest: items, raters with secret links, per-rater order.
+
+Each rater gets their own randomized order (seeded per rater) in which the two arms of a pair, and
+an image and its repeat, are never back to back; a few images come again later for test–retest,
+and a few attention-check pages ask for a given score.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from fangzhi.errors import FangzhiError
+from fangzhi.rating_app import store
+from fangzhi.rating_app.i18n import LANGUAGES
+
+REQUIRED_MANIFEST_FIELDS = ("image_id", "file", "arm", "prompt_id", "seed", "prompt_en", "narrative_zh")
+REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_BASE_URL = "http://localhost:8501"
+
+
+@dataclass(frozen=True)
+class ManifestImage:
+    image_id: str
+    arm: str
+    prompt_id: str
+    seed: int
+    path: Path
+    prompt_en: str
+    narrative_zh: str
+
+    @property
+    def pair_key(self) -> tuple[str, int]:
+        return (self.prompt_id, self.seed)
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    image_id: str
+    kind: str  # 'main', 'retest' or 'attention'
+    expected: int | None
+    pair_key: tuple[str, int]
+
+
+def read_manifest(manifest: str | Path) -> list[ManifestImage]:
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FangzhiError(f"{manifest}: generation manifest not found")
+    images: dict[str, ManifestImage] = {}
+    for line_number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest}, line {line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FangzhiError(f"{where}: not valid JSON ({exc.msg})") from None
+        missing = [field for field in REQUIRED_MANIFEST_FIELDS if record.get(field) is None]
+        if missing:
+            raise FangzhiError(f"{where}: missing field(s) {', '.join(missing)} (see docs/formats.md, generation manifest)")
+        path = (manifest.parent / record["file"]).resolve()
+        if not path.is_file():
+            raise FangzhiError(f"{where}: image file {record['file']!r} not found (looked for {path})")
+        if record["image_id"] in images:
+            raise FangzhiError(f"{where}: image_id {record['image_id']!r} appears twice")
+        images[record["image_id"]] = ManifestImage(
+            record["image_id"], str(record["arm"]), str(record["prompt_id"]), int(record["seed"]), path,
+            record["prompt_en"], record["narrative_zh"],
+        )
+    if not images:
+        raise FangzhiError(f"{manifest}: no images listed")
+    _check_texts_agree_across_arms(manifest, images.values())
+    return list(images.values())
+
+
+def _check_texts_agree_across_arms(manifest: Path, images) -> None:
+    # Raters see prompt_en and narrative_zh; if the arms of one prompt had different texts
+    # (a trigger phrase, say), the text alone would reveal the arm.
+    texts: dict[str, tuple[str, str]] = {}
+    for image in images:
+        seen = texts.setdefault(image.prompt_id, (image.prompt_en, image.narrative_zh))
+        if seen != (image.prompt_en, image.narrative_zh):
+            raise FangzhiError(
+                f"{manifest}: prompt_id {image.prompt_id!r} has different prompt_en/narrative_zh in different lines; "
+                "raters would see which arm an image is from. Use the prompt set's text, without trigger phrases."
+            )
+
+
+def read_rater_names(raters: str | Path | list[str]) -> list[str]:
+    if isinstance(raters, (str, Path)):
+        path = Path(raters)
+        if not path.is_file():
+            raise FangzhiError(f"{path}: rater names file not found (one name per line)")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        source = str(path)
+    else:
+        names = [name.strip() for name in raters]
+        source = "rater names"
+    if not names:
+        raise FangzhiError(f"{source}: no rater names given")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise FangzhiError(f"{source}: rater name(s) listed twice: {', '.join(duplicates)}")
+    return names
+
+
+def plan_items(images: list[ManifestImage], qc_retest: int, qc_attention: int, rng: np.random.Generator) -> list[PlannedItem]:
+    """One rater's item order: every image once, plus QC items, never two of one pair back to back.
+
+    Built by a random greedy walk (pick any remaining item whose pair differs from the previous
+    one, and a repeat only after its first showing); a dead end restarts the walk.
+    """
+    if qc_retest > len(images):
+        raise FangzhiError(f"qc_retest={qc_retest} is more than the {len(images)} images in the manifest")
+    items = [PlannedItem(image.image_id, "main", None, image.pair_key) for image in images]
+    for index in rng.choice(len(images), size=qc_retest, replace=False):
+        items.append(PlannedItem(images[index].image_id, "retest", None, images[index].pair_key))
+    for _ in range(qc_attention):
+        image = images[rng.integers(len(images))]
+        items.append(PlannedItem(image.image_id, "attention", int(rng.integers(1, 6)), image.pair_key))
+
+    for _attempt in range(500):
+        remaining = list(items)
+        order: list[PlannedItem] = []
+        shown: set[str] = set()
+        while remaining:
+            previous_pair = order[-1].pair_key if order else None
+            candidates = [
+                i for i, item in enumerate(remaining)
+                if item.pair_key != previous_pair and (item.kind != "retest" or item.image_id in shown)
+            ]
+            if not candidates:
+                break
+            item = remaining.pop(candidates[rng.integers(len(candidates))])
+            order.append(item)
+            if item.kind == "main":
+                shown.add(item.image_id)
+        if not remaining:
+            return order
+    raise FangzhiError(
+        f"cannot order {len(items)} items so that no pair's two images are back to back: "
+        "the manifest needs more prompts or seeds (or fewer QC items)"
+    )
+
+
+def _rater_seed(study_seed: int, rater_index: int) -> int:
+    return int(np.random.SeedSequence([study_seed, rater_index]).generate_state(1)[0])
+
+
+def _insert_rater(con: duckdb.DuckDBPyConnection, name: str, study_seed: int, images: list[ManifestImage], qc_retest: int, qc_attention: int) -> str:
+    token = secrets.token_urlsafe(24)
+    rater_index = con.execute("SELECT count(*) FROM raters").fetchone()[0]
+    seed = _rater_seed(study_seed, rater_index)
+    rater_id = con.execute(
+        "INSERT INTO raters (name, token_sha256, seed) VALUES (?, ?, ?) RETURNING rater_id", [name, store.hash_token(token), seed]
+    ).fetchone()[0]
+    order = plan_items(images, qc_retest, qc_attention, np.random.default_rng(seed))
+    con.executemany(
+        "INSERT INTO assignments VALUES (?, ?, ?, ?, ?)",
+        [[rater_id, position, item.image_id, item.kind, item.expected] for position, item in enumerate(order)],
+    )
+    return token
+
+
+def invitation_link(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/?token={token}"
+
+
+def create_study(
+    manifest: str | Path,
+    db: str | Path,
+    raters: str | Path | list[str],
+    reference_images: str | Path | None = None,
+    lang: str = "zh",
+    qc_retest: int = 3,
+    qc_attention: int = 2,
+    seed: int = 0,
+    base_url: str = DEFAULT_BASE_URL,
+) -> list[tuple[str, str, str]]:
+    """Create the study database `db`; returns (rater name, token, invitation link) per rater.
+
+    Only sha256 hashes of the tokens are stored: the returned links are the one chance to keep them.
+    """
+    db = Path(db)
+    if db.exists():
+        raise FangzhiError(f"{db}: already exists; choose a new file (an existing study and its ratings are never overwritten)")
+    if lang not in LANGUAGES:
+        raise FangzhiError(f"--lang {lang!r}: choose one of {', '.join(LANGUAGES)}")
+    if qc_retest < 0 or qc_attention < 0:
+        raise FangzhiError("qc_retest and qc_attention must be 0 or more")
+    images = read_manifest(manifest)
+    names = read_rater_names(raters)
+    references = _reference_paths(reference_images)
+    # Fail on an impossible order before anything is written.
+    plan_items(images, qc_retest, qc_attention, np.random.default_rng(seed))
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(db.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute(store.SCHEMA_SQL)
+        con.execute(
+            "INSERT INTO study (study_key, manifest, default_lang, seed, qc_retest, qc_attention) VALUES (1, ?, ?, ?, ?, ?)",
+            [str(Path(manifest).resolve()), lang, seed, qc_retest, qc_attention],
+        )
+        prompts = {image.prompt_id: (image.prompt_en, image.narrative_zh) for image in images}
+        con.executemany("INSERT INTO prompts VALUES (?, ?, ?)", [[pid, en, zh] for pid, (en, zh) in prompts.items()])
+        con.executemany(
+            "INSERT INTO images VALUES (?, ?, ?, ?, ?)",
+            [[i.image_id, i.arm, i.prompt_id, i.seed, str(i.path)] for i in images],
+        )
+        if references:
+            con.executemany("INSERT INTO reference_images VALUES (?, ?)", [[n, str(p)] for n, p in enumerate(references)])
+        tokens = [_insert_rater(con, name, seed, images, qc_retest, qc_attention) for name in names]
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    # The study appears under its real name only when complete.
+    tmp.rename(db)
+    return [(name, token, invitation_link(base_url, token)) for name, token in zip(names, tokens)]
+
+
+def add_rater(db: str | Path, name: str, base_url: str = DEFAULT_BASE_URL) -> tuple[str, str, str]:
+    """Invite one more rater to an existing study (also while the app runs)."""
+    name = name.strip()
+    if not name:
+        raise FangzhiError("a rater needs a non-empty name")
+    with store.connect(db) as con:
+        manifest, study_seed, qc_retest, qc_attention = con.execute("SELECT manifest, seed, qc_retest, qc_attention FROM study").fetchone()
+        if con.execute("SELECT 1 FROM raters WHERE name = ?", [name]).fetchone():
+            raise FangzhiError(f"{db}: a rater named {name!r} already exists")
+        image_rows = con.execute(
+            "SELECT i.image_id, i.arm, i.prompt_id, i.seed, i.path, p.prompt_en, p.narrative_zh FROM images i JOIN prompts p USING (prompt_id) ORDER BY i.image_id"
+        ).fetchall()
+    images = [ManifestImage(r[0], r[1], r[2], r[3], Path(r[4]), r[5], r[6]) for r in image_rows]
+    token = store._transaction(db, lambda con: _insert_rater(con, name, study_seed, images, qc_retest, qc_attention))
+    return name, token, invitation_link(base_url, token)
+
+
+def _reference_paths(reference_images: str | Path | None) -> list[Path]:
+    if reference_images is None:
+        return []
+    folder = Path(reference_images)
+    if not folder.is_dir():
+        raise FangzhiError(f"--reference-images {folder}: not a folder")
+    paths = sorted(p.resolve() for p in folder.iterdir() if p.suffix.lower() in REFERENCE_SUFFIXES)
+    if not paths:
+        raise FangzhiError(f"--reference-images {folder}: no .png/.jpg/.jpeg/.webp files in it")
+    return paths
+
+
+def write_links(links: list[tuple[str, str, str]], out: str | Path) -> None:
+    """The admin's copy of the invitation links (the database only keeps token hashes)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rater", "token", "link"])
+        writer.writerows(links)
+    out.chmod(0o600)

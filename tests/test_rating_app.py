@@ -1,0 +1,456 @@
+"""Rating study: creation, DuckDB store under concurrency and crashes, and the Streamlit app via AppTest."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from fangzhi.cli import main as cli_main
+from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.errors import FangzhiError
+from fangzhi.rating_app import media, sample, store, study
+from fangzhi.rating_app.serve import DB_ENV
+
+APP = Path(study.__file__).with_name("app.py")
+ALL_FOUR = {key: 3 for key in DIMENSION_KEYS}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return sample.write_sample_manifest(tmp_path_factory.mktemp("generation"), n_prompts=3, size=256)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> Path:
+    return sample.write_sample_references(tmp_path_factory.mktemp("references"), count=2, size=256)
+
+
+@pytest.fixture
+def db_and_links(tmp_path, manifest, references):
+    db = tmp_path / "study.duckdb"
+    links = study.create_study(manifest, db, ["alice", "bob"], reference_images=references, qc_retest=2, qc_attention=1, seed=5)
+    return db, links
+
+
+def rater_id(db: Path, name: str) -> int:
+    with store.connect(db) as con:
+        return con.execute("SELECT rater_id FROM raters WHERE name = ?", [name]).fetchone()[0]
+
+
+def count(db: Path, table: str) -> int:
+    with store.connect(db) as con:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+# ---- study creation --------------------------------------------------------------------------
+
+
+def test_every_rater_gets_every_image_once_plus_qc_and_no_pair_back_to_back(db_and_links, manifest):
+    db, links = db_and_links
+    images = [json.loads(line) for line in manifest.read_text().splitlines()]
+    pair_of = {image["image_id"]: (image["prompt_id"], image["seed"]) for image in images}
+    assignments = store.list_assignments(db)
+    orders = {}
+    for rater, own in assignments.groupby("rater"):
+        own = own.sort_values("position")
+        assert list(own["position"]) == list(range(len(images) + 2 + 1))
+        main = own[own["kind"] == "main"]
+        assert sorted(main["image_id"]) == sorted(pair_of)
+        pairs = [pair_of[i] for i in own["image_id"]]
+        assert all(a != b for a, b in zip(pairs, pairs[1:])), "two images of one pair back to back"
+        for _, retest in own[own["kind"] == "retest"].iterrows():
+            first = main.loc[main["image_id"] == retest["image_id"], "position"].item()
+            assert first < retest["position"]
+        attention = own[own["kind"] == "attention"]
+        assert len(attention) == 1 and 1 <= attention["expected"].item() <= 5
+        orders[rater] = list(own["image_id"])
+    assert orders["alice"] != orders["bob"], "each rater should have their own random order"
+    # Only hashes of the tokens are kept.
+    raw = db.read_bytes()
+    for _name, token, link in links:
+        assert link.endswith(f"/?token={token}")
+        assert token.encode() not in raw
+    with store.connect(db) as con:
+        hashes = {h for (h,) in con.execute("SELECT token_sha256 FROM raters").fetchall()}
+    assert hashes == {store.hash_token(token) for _, token, _ in links}
+
+
+def test_same_seed_gives_same_orders(tmp_path, manifest):
+    study.create_study(manifest, tmp_path / "a.duckdb", ["x", "y"], seed=3)
+    study.create_study(manifest, tmp_path / "b.duckdb", ["x", "y"], seed=3)
+    first, second = store.list_assignments(tmp_path / "a.duckdb"), store.list_assignments(tmp_path / "b.duckdb")
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, manifest):
+    lines = manifest.read_text().splitlines()
+    broken = manifest.parent / "broken.jsonl"
+    record = json.loads(lines[1])
+    del record["narrative_zh"]
+    broken.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    with pytest.raises(FangzhiError, match=r"broken.jsonl, line 2: missing field\(s\) narrative_zh"):
+        study.create_study(broken, tmp_path / "s.duckdb", ["a"])
+    leaky = manifest.parent / "leaky.jsonl"
+    record = json.loads(lines[1])
+    record["prompt_en"] += ", trigger phrase"
+    leaky.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    with pytest.raises(FangzhiError, match="different prompt_en/narrative_zh"):
+        study.create_study(leaky, tmp_path / "s.duckdb", ["a"])
+    with pytest.raises(FangzhiError, match="listed twice: a"):
+        study.create_study(manifest, tmp_path / "s.duckdb", ["a", "b", "a"])
+    assert not (tmp_path / "s.duckdb").exists()
+    study.create_study(manifest, tmp_path / "s.duckdb", ["a"])
+    with pytest.raises(FangzhiError, match="already exists"):
+        study.create_study(manifest, tmp_path / "s.duckdb", ["b"])
+    # One pair only: its two images cannot avoid being neighbours.
+    one_pair = manifest.parent / "one_pair.jsonl"
+    one_pair.write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(FangzhiError, match="back to back"):
+        study.create_study(one_pair, tmp_path / "t.duckdb", ["a"], qc_retest=0, qc_attention=0)
+
+
+def test_schema_constraints_hold_in_the_database(db_and_links):
+    db, _ = db_and_links
+    alice = rater_id(db, "alice")
+    with store.connect(db) as con:
+        with pytest.raises(duckdb.ConstraintException):
+            con.execute("INSERT INTO scores VALUES (?, 0, 'style', 6, current_timestamp)", [alice])
+        with pytest.raises(duckdb.ConstraintException):
+            con.execute("INSERT INTO scores VALUES (?, 0, 'colour', 3, current_timestamp)", [alice])
+        with pytest.raises(duckdb.ConstraintException):  # no such assignment
+            con.execute("INSERT INTO scores VALUES (?, 999, 'style', 3, current_timestamp)", [alice])
+        con.execute("INSERT INTO scores VALUES (?, 0, 'style', 3, current_timestamp)", [alice])
+        with pytest.raises(duckdb.ConstraintException):  # one row per (rater, item, dimension)
+            con.execute("INSERT INTO scores VALUES (?, 0, 'style', 4, current_timestamp)", [alice])
+    with pytest.raises(FangzhiError, match="integer 1–5"):
+        store.save_item(db, alice, 1, {**ALL_FOUR, "beauty": 0})
+
+
+def test_revision_updates_the_row_and_keeps_the_audit_log(db_and_links):
+    db, _ = db_and_links
+    alice = rater_id(db, "alice")
+    store.save_item(db, alice, 0, {"style": 2, "match": 3, "detail": 4, "beauty": 5}, "first", seconds=10)
+    store.save_item(db, alice, 0, {"style": 2, "match": 1, "detail": 4, "beauty": 5}, "second", seconds=4)
+    with store.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 4
+        audit = con.execute("SELECT dimension, old_score, new_score FROM score_audit ORDER BY audit_id").fetchall()
+        note = con.execute("SELECT comment, seconds_spent, saves FROM item_notes").fetchall()
+    assert audit == [("style", None, 2), ("match", None, 3), ("detail", None, 4), ("beauty", None, 5), ("match", 3, 1)]
+    assert note == [("second", 14.0, 2)]
+
+
+def test_read_ratings_and_qc_results(db_and_links):
+    db, _ = db_and_links
+    assignments = store.list_assignments(db)
+    alice = assignments[assignments["rater"] == "alice"]
+    attention = alice[alice["kind"] == "attention"].iloc[0]
+    retest = alice[alice["kind"] == "retest"].iloc[0]
+    original = alice[(alice["kind"] == "main") & (alice["image_id"] == retest["image_id"])].iloc[0]
+    rows = [
+        {"rater": "alice", "position": attention["position"], **{k: int(attention["expected"]) for k in DIMENSION_KEYS}},
+        {"rater": "alice", "position": original["position"], "style": 4, "match": 4, "detail": 2, "beauty": 3},
+        {"rater": "alice", "position": retest["position"], "style": 4, "match": 5, "detail": 2, "beauty": 1},
+        {"rater": "bob", "position": 0, "style": 1, "match": 1, "detail": 1, "beauty": 1},
+    ]
+    assert store.add_ratings(db, rows) == 4
+    # An item with only some dimensions scored is not a rating yet.
+    with store.connect(db) as con:
+        con.execute("INSERT INTO scores VALUES (?, 1, 'style', 3, current_timestamp)", [rater_id(db, "bob")])
+    ratings = store.read_ratings(db)
+    assert list(ratings.columns) == ["rater", "arm", "prompt", "seed", "image_id", "kind", "style", "match", "detail", "beauty", "expected"]
+    assert len(ratings) == 4
+    assert set(ratings["arm"]) <= {"base", "lora"}
+    retest_row = ratings[ratings["kind"] == "retest"].iloc[0]
+    assert (retest_row["arm"], retest_row["prompt"], retest_row["seed"]) == (retest["arm"], retest["prompt"], retest["seed"])
+    assert ratings["expected"].isna().sum() == 3
+    qc = store.qc_results(ratings).set_index("rater")
+    assert qc.loc["alice", "attention_passed"] == 1 and qc.loc["alice", "retest_pairs"] == 1
+    # By hand: differences |4-4|, |5-4|, |2-2|, |1-3| = 0, 1, 0, 2.
+    assert qc.loc["alice", "retest_exact_agreement"] == pytest.approx(0.5)
+    assert qc.loc["alice", "retest_mean_abs_diff"] == pytest.approx(0.75)
+
+
+def test_cli_create_and_export(tmp_path, manifest):
+    names = tmp_path / "names.txt"
+    names.write_text("艺术家甲\nartist b\n", encoding="utf-8")
+    db = tmp_path / "cli.duckdb"
+    assert cli_main(["study", "create", "--manifest", str(manifest), "--db", str(db), "--raters", str(names), "--lang", "en"]) == 0
+    links = pd.read_csv(tmp_path / "cli.links.csv")
+    assert list(links["rater"]) == ["艺术家甲", "artist b"]
+    assert store.rater_for_token(db, links["token"][0]).name == "艺术家甲"
+    store.add_ratings(db, [{"rater": "artist b", "position": 2, **ALL_FOUR}])
+    assert cli_main(["study", "export", "--db", str(db), "--out", str(tmp_path / "r.parquet")]) == 0
+    exported = pd.read_parquet(tmp_path / "r.parquet")
+    assert len(exported) == 1 and exported["rater"][0] == "artist b"
+    assert cli_main(["study", "export", "--db", str(db), "--out", str(tmp_path / "r.txt")]) == 2
+    assert cli_main(["rate", "--db", str(tmp_path / "missing.duckdb")]) == 2
+
+
+def test_add_rater_later_and_revoke(db_and_links, manifest):
+    db, _ = db_and_links
+    name, token, link = study.add_rater(db, "carol")
+    assert store.rater_for_token(db, token).name == "carol" and link.endswith(token)
+    carol = store.list_assignments(db).query("rater == 'carol'")
+    assert sorted(carol.loc[carol["kind"] == "main", "image_id"]) == sorted(json.loads(l)["image_id"] for l in manifest.read_text().splitlines())
+    with pytest.raises(FangzhiError, match="already exists"):
+        study.add_rater(db, "carol")
+    store.revoke_rater(db, "carol")
+    assert store.rater_for_token(db, token) is None
+    with pytest.raises(FangzhiError, match="revoked"):
+        store.save_item(db, rater_id(db, "carol"), 0, ALL_FOUR)
+
+
+# ---- images --------------------------------------------------------------------------------
+
+
+def test_images_are_re_encoded_without_metadata(manifest):
+    source = next((manifest.parent / "images").iterdir())
+    assert "arm:" in Image.open(source).info["parameters"]
+    encoded = media.encode_for_display(source)
+    image = Image.open(io.BytesIO(encoded))
+    assert image.format == "JPEG" and image.size == (256, 256)
+    assert not {"parameters", "exif", "icc_profile"} & set(image.info)
+    for secret in (b"arm:", b"seed", b"base", b"lora", b"parameters", sample.SAMPLE_BASE_MODEL.encode()):
+        assert secret not in encoded
+
+
+# ---- storage under load and crashes ---------------------------------------------------------
+
+
+def test_twenty_concurrent_raters_lose_and_duplicate_nothing(tmp_path, manifest):
+    db = tmp_path / "load.duckdb"
+    names = [f"rater{i:02d}" for i in range(20)]
+    study.create_study(manifest, db, names, qc_retest=0, qc_attention=0)
+    items = len(manifest.read_text().splitlines())
+    ids = [rater_id(db, name) for name in names]
+    start = threading.Barrier(len(ids))
+    errors = []
+
+    def rate_all(rid: int) -> None:
+        try:
+            start.wait()
+            for position in range(items):
+                store.save_item(db, rid, position, {k: 1 + (rid + position) % 5 for k in DIMENSION_KEYS}, seconds=1.0)
+            # every rater revises their first item once
+            store.save_item(db, rid, 0, {k: 1 + (rid + 1) % 5 for k in DIMENSION_KEYS}, seconds=1.0)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rate_all, args=(rid,)) for rid in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert count(db, "scores") == 20 * items * 4
+    assert count(db, "item_notes") == 20 * items
+    assert count(db, "score_audit") == 20 * items * 4 + 20 * 4  # first saves, plus the revision of all four
+    ratings = store.read_ratings(db)
+    assert len(ratings) == 20 * items
+    assert not ratings.duplicated(["rater", "image_id", "kind"]).any()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, threading
+    from fangzhi.rating_app import store
+    db, n_raters, items = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def rate(rid):
+        for position in range(items):
+            store.save_item(db, rid, position, dict(style=1, match=2, detail=3, beauty=4), seconds=0.5)
+    threads = [threading.Thread(target=rate, args=(rid,)) for rid in range(1, n_raters + 1)]
+    print("started", flush=True)
+    [t.start() for t in threads]; [t.join() for t in threads]
+    print("done", flush=True)
+    """
+)
+
+
+def test_second_process_reads_while_the_writer_process_saves(tmp_path, manifest):
+    """The app's access pattern (short connections, many threads) in one process; analysis in another."""
+    db = tmp_path / "live.duckdb"
+    n_raters = 20
+    study.create_study(manifest, db, [f"r{i}" for i in range(n_raters)], qc_retest=0, qc_attention=0)
+    items = len(manifest.read_text().splitlines())
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(n_raters), str(items)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "started"
+    seen, read_seconds = [], []
+    while writer.poll() is None:
+        started = time.monotonic()
+        seen.append(len(store.read_ratings(db)))
+        read_seconds.append(time.monotonic() - started)
+    assert writer.wait() == 0
+    assert len(seen) >= 2, "the reader did not get in while the writer was live"
+    # 20 threads keep the file open nearly all the time; the reader still gets its turn promptly.
+    assert max(read_seconds) < 5.0, read_seconds
+    assert seen == sorted(seen), "a reader saw ratings disappear"
+    assert len(store.read_ratings(db)) == n_raters * items
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    from fangzhi.rating_app import store
+    db = sys.argv[1]
+    position = 0
+    while True:
+        store.save_item(db, 1, position % 12, dict(style=1 + position % 5, match=2, detail=3, beauty=4), seconds=0.1)
+        print(position, flush=True)
+        position += 1
+    """
+)
+
+
+def test_killing_the_writer_loses_at_most_the_item_in_flight(tmp_path, manifest):
+    db = tmp_path / "crash.duckdb"
+    study.create_study(manifest, db, ["victim"], qc_retest=0, qc_attention=0)
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db)], stdout=subprocess.PIPE, text=True)
+    acknowledged = -1
+    while acknowledged < 20:
+        acknowledged = int(writer.stdout.readline())
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    with store.connect(db) as con:
+        per_item = con.execute("SELECT position, count(*) FROM scores GROUP BY position").fetchall()
+        saves = con.execute("SELECT sum(saves) FROM item_notes").fetchone()[0]
+    assert all(n == 4 for _, n in per_item), "an item was saved in part"
+    assert saves >= acknowledged + 1, "an acknowledged save was lost"
+
+
+# ---- the Streamlit app ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_env(db_and_links, monkeypatch):
+    db, links = db_and_links
+    monkeypatch.setenv(DB_ENV, str(db))
+    monkeypatch.delenv("FANGZHI_ADMIN_PASSWORD", raising=False)
+    return db, {name: token for name, token, _ in links}
+
+
+def open_app(token: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    if token is not None:
+        at.query_params["token"] = token
+    return at.run()
+
+
+def answer(at: AppTest, scores: dict[str, int]) -> AppTest:
+    position = at.session_state["position"]
+    for key, score in scores.items():
+        at.radio(key=f"{position}-{key}").set_value(score)
+    return at.button(key="save").click().run()
+
+
+def page_text(at: AppTest) -> str:
+    parts = [e.value for e in [*at.markdown, *at.title, *at.subheader, *at.caption, *at.info, *at.success, *at.error, *at.warning]]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_app_login_rate_revise_and_resume(app_env):
+    db, tokens = app_env
+    alice = rater_id(db, "alice")
+    at = open_app(tokens["alice"])
+    assert not at.exception
+    assert "评分说明" in page_text(at)
+    at.button(key="start").click().run()
+    assert at.session_state["position"] == 0
+    at = answer(at, {"style": 5, "match": 4, "detail": 3, "beauty": 2})
+    assert at.session_state["position"] == 1
+    # Saving with a question unanswered keeps the rater on the item and saves nothing.
+    at.radio(key="1-style").set_value(2)
+    at.button(key="save").click().run()
+    assert at.session_state["position"] == 1 and "请回答全部四个问题" in page_text(at)
+    at = answer(at, {"style": 1, "match": 1, "detail": 1, "beauty": 1})
+    # Back to the first item: the saved answers are shown and can be revised.
+    at.button(key="back").click().run()
+    at.button(key="back").click().run()
+    assert at.session_state["position"] == 0
+    assert at.radio(key="0-style").value == 5
+    at = answer(at, {"style": 5, "match": 4, "detail": 3, "beauty": 4})
+    assert store.item_view(db, alice, 0).scores == {"style": 5, "match": 4, "detail": 3, "beauty": 4}
+    assert count(db, "scores") == 8
+    # A new session (leave and come back) resumes at the first unrated item.
+    again = open_app(tokens["alice"])
+    again.button(key="start").click().run()
+    assert again.session_state["position"] == 2
+    assert "2 / " in " ".join(p.proto.text for p in again.get("progress"))
+
+
+def test_app_finishing_shows_thank_you(app_env):
+    db, tokens = app_env
+    bob = rater_id(db, "bob")
+    total = len(store.completed_positions(db, bob))
+    store.add_ratings(db, [{"rater": "bob", "position": p, **ALL_FOUR} for p in range(1, total)])
+    at = open_app(tokens["bob"])
+    at.button(key="start").click().run()
+    assert at.session_state["position"] == 0
+    at = answer(at, ALL_FOUR)
+    assert at.session_state["position"] is None
+    assert "感谢您的参与" in page_text(at)
+
+
+def test_app_bad_and_revoked_tokens_get_no_access(app_env):
+    db, tokens = app_env
+    at = open_app("not-a-real-token")
+    assert "评分码无效或已被停用" in page_text(at)
+    assert [r.key for r in at.radio] == ["lang"] and [b.label for b in at.button] == ["进入"]  # the login form only
+    store.revoke_rater(db, "bob")
+    at = open_app(tokens["bob"])
+    assert "评分码无效或已被停用" in page_text(at)
+    assert [r.key for r in at.radio] == ["lang"] and "position" not in at.session_state
+    # Typing a valid code signs in and puts the token in the URL for reloads.
+    at = open_app()
+    at.text_input[0].input(tokens["alice"])
+    at.button[0].click().run()
+    assert at.query_params["token"] == tokens["alice"]
+    assert "评分人：alice" in page_text(at) + " ".join(m.value for m in at.sidebar.markdown)
+
+
+def test_app_language_switch(app_env):
+    _, tokens = app_env
+    at = open_app(tokens["alice"])
+    assert "评分说明" in page_text(at)
+    at.radio(key="lang").set_value("en").run()
+    assert "Instructions" in page_text(at)
+    at.button(key="start").click().run()
+    assert at.radio(key="0-match").label == "**Image–text match**"
+    assert "Matches the text exactly" in at.radio(key="0-match").proto.captions
+
+
+def test_app_admin_needs_the_password(app_env, monkeypatch):
+    db, _ = app_env
+    store.add_ratings(db, [{"rater": "alice", "position": 0, **ALL_FOUR}])
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.query_params["page"] = "admin"
+    at.run()
+    assert "disabled" in page_text(at)
+    monkeypatch.setenv("FANGZHI_ADMIN_PASSWORD", "correct horse")
+    at.run()
+    at.text_input[0].input("wrong").run()
+    at.button[0].click().run()
+    assert "Wrong password" in page_text(at) and not at.dataframe
+    at.text_input[0].input("correct horse")
+    at.button[0].click().run()
+    assert not at.exception
+    progress = at.dataframe[0].value
+    assert list(progress["rater"]) == ["alice", "bob"] and list(progress["done"]) == [1, 0]
+    assert "Hidden until you unblind" in page_text(at)
+    assert len(at.dataframe) == 2  # progress and QC, no summary by arm
+    at.checkbox[0].check()
+    next(b for b in at.button if b.label == "Unblind").click().run()
+    assert len(at.dataframe) == 3 and store.study_settings(db).unblinded
