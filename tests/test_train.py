@@ -226,11 +226,13 @@ def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path)
     config.write_text(yaml.safe_dump(tiny_config(tiny_base, out, max_steps=4).model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        # `--multi_gpu` starts two processes through torchrun; without a GPU they form a gloo group.
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fangzhi", "train", "--config", str(config)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "[process 1]" in result.stdout and "2 processes" in result.stdout, "training must really run in two processes"
     pipe = load_base(tiny_base)
     pipe.load_lora_weights(str(out))
     assert np.isfinite(render(pipe)).all()

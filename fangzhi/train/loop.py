@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -95,6 +95,8 @@ def train(cfg: TrainConfig) -> Path:
 
     log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(
+        # Without a GPU, several processes (torchrun via `accelerate launch --multi_gpu`) need cpu=True to form a gloo group.
+        cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation,
         log_with=log_with,
@@ -161,6 +163,8 @@ def train(cfg: TrainConfig) -> Path:
         checkpoint = find_checkpoint(cfg.resume, checkpoints_dir)
         position = load_checkpoint(checkpoint, unwrapped, optimizer, lr_scheduler, noise_generator)
         accelerator.print(f"resumed from {checkpoint} at step {position.global_step}")
+    if accelerator.num_processes > 1:
+        print(f"[process {accelerator.process_index}] training on {accelerator.device}, {accelerator.num_processes} processes", flush=True)
 
     latent_cache: dict[int, torch.Tensor] = {}
 
