@@ -174,7 +174,12 @@ def test_rerun_repairs_missing_corrupt_and_half_written_images(paired_run: Path,
     generate(config(tiny_base, out, loras=[{"path": str(lora_dir)}]))
     assert "wrote 2 images (10 were already there)" in capsys.readouterr().out
     repaired = read_manifest(out / "manifest.jsonl", check_files=True)
-    assert {r["image_id"]: r["image_sha256"] for r in repaired} == original  # same bytes as the first time
+    assert {r["image_id"] for r in repaired} == set(original)
+    for record in repaired:
+        # A repaired image is made in a smaller batch: same image up to float rounding (at most one 8-bit level).
+        before = np.asarray(Image.open(paired_run / record["file"]), dtype=np.int16)
+        after = np.asarray(Image.open(out / record["file"]), dtype=np.int16)
+        assert np.abs(before - after).max() <= 1, record["file"]
     assert not list((out / "images").glob("*.tmp"))
 
 
