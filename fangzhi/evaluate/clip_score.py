@@ -23,9 +23,9 @@ from pydantic import Field
 
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
+from fangzhi.generate.manifest import read_manifest as read_generation_manifest
 from fangzhi.models.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_model_identity, clip_weights_sha256, load_clip
 
-MANIFEST_FIELDS = ("image_id", "file", "arm", "prompt_id", "seed", "prompt_en")
 REFERENCE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SCORE_COLUMNS = ["image_id", "arm", "prompt", "seed", "clip_score", "style_similarity"]
 
@@ -43,44 +43,18 @@ class ClipScoreConfig(StrictModel):
 
 
 def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
-    """The manifest as a table (one row per image) with `path` resolved; every problem names the line."""
+    """The generation manifest as a table (one row per image, `path` resolved); problems name the line."""
     manifest_path = Path(manifest_path)
-    if not manifest_path.is_file():
-        raise FangzhiError(f"{manifest_path}: generation manifest not found")
-    rows = []
-    for line_number, line in enumerate(manifest_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest_path}, line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FangzhiError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise FangzhiError(f"{where}: each line must be a JSON object (see docs/formats.md, generation manifest)")
-        missing = [field for field in MANIFEST_FIELDS if record.get(field) in (None, "")]
-        if missing:
-            raise FangzhiError(f"{where}: missing field(s) {', '.join(missing)} (see docs/formats.md, generation manifest)")
-        try:
-            seed = int(record["seed"])
-        except (TypeError, ValueError):
-            raise FangzhiError(f"{where}: seed {record['seed']!r} is not an integer") from None
-        path = manifest_path.parent / record["file"]
-        if not path.is_file():
-            raise FangzhiError(f"{where}: image file {record['file']!r} not found (looked for {path})")
-        rows.append({
-            "image_id": str(record["image_id"]), "arm": str(record["arm"]), "prompt": str(record["prompt_id"]), "seed": seed,
-            "prompt_en": str(record["prompt_en"]), "path": path, "image_sha256": record.get("image_sha256"), "line": line_number,
-        })
-    if not rows:
+    records = read_generation_manifest(manifest_path, check_files=True)
+    if not records:
         raise FangzhiError(f"{manifest_path}: no images listed")
-    table = pd.DataFrame(rows)
-    for key, what in ((["image_id"], "image_id"), (["arm", "prompt", "seed"], "(arm, prompt_id, seed)")):
-        repeated = table[table.duplicated(key, keep=False)]
-        if not repeated.empty:
-            lines = ", ".join(str(n) for n in repeated["line"])
-            raise FangzhiError(f"{manifest_path}: the same {what} appears on lines {lines}; each image must be listed once")
-    return table
+    return pd.DataFrame(
+        {
+            "image_id": str(r["image_id"]), "arm": str(r["arm"]), "prompt": str(r["prompt_id"]), "seed": r["seed"],
+            "prompt_en": str(r["prompt_en"]), "path": manifest_path.parent / r["file"], "image_sha256": r["image_sha256"], "line": r["_line"],
+        }
+        for r in records
+    )
 
 
 def find_reference_images(folder: str | Path) -> list[Path]:

@@ -8,7 +8,6 @@ and a few attention-check pages ask for a given score.
 from __future__ import annotations
 
 import csv
-import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ import duckdb
 import numpy as np
 
 from fangzhi.errors import FangzhiError
+from fangzhi.generate.manifest import read_manifest as read_generation_manifest
 from fangzhi.rating_app import store
 from fangzhi.rating_app.i18n import LANGUAGES
 
-REQUIRED_MANIFEST_FIELDS = ("image_id", "file", "arm", "prompt_id", "seed", "prompt_en", "narrative_zh")
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_BASE_URL = "http://localhost:8501"
 
@@ -49,34 +48,19 @@ class PlannedItem:
 
 
 def read_manifest(manifest: str | Path) -> list[ManifestImage]:
+    """The generation manifest's images (files checked against their sha256); problems name the line."""
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise FangzhiError(f"{manifest}: generation manifest not found")
-    images: dict[str, ManifestImage] = {}
-    for line_number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest}, line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FangzhiError(f"{where}: not valid JSON ({exc.msg})") from None
-        missing = [field for field in REQUIRED_MANIFEST_FIELDS if record.get(field) is None]
-        if missing:
-            raise FangzhiError(f"{where}: missing field(s) {', '.join(missing)} (see docs/formats.md, generation manifest)")
-        path = (manifest.parent / record["file"]).resolve()
-        if not path.is_file():
-            raise FangzhiError(f"{where}: image file {record['file']!r} not found (looked for {path})")
-        if record["image_id"] in images:
-            raise FangzhiError(f"{where}: image_id {record['image_id']!r} appears twice")
-        images[record["image_id"]] = ManifestImage(
-            record["image_id"], str(record["arm"]), str(record["prompt_id"]), int(record["seed"]), path,
-            record["prompt_en"], record["narrative_zh"],
+    images = [
+        ManifestImage(
+            r["image_id"], str(r["arm"]), str(r["prompt_id"]), r["seed"], (manifest.parent / r["file"]).resolve(),
+            r["prompt_en"], r["narrative_zh"],
         )
+        for r in read_generation_manifest(manifest, check_files=True)
+    ]
     if not images:
         raise FangzhiError(f"{manifest}: no images listed")
-    _check_texts_agree_across_arms(manifest, images.values())
-    return list(images.values())
+    _check_texts_agree_across_arms(manifest, images)
+    return images
 
 
 def _check_texts_agree_across_arms(manifest: Path, images) -> None:
