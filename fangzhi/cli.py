@@ -63,11 +63,20 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
     select.set_defaults(func=_cmd_dataset_select)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,6, got '{text}'") from None
+def _comma_list(convert, example: str):
+    """An argparse type for comma-separated values such as 2,4,6."""
+
+    def parse(text: str) -> list:
+        try:
+            return [convert(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values such as {example}, got '{text}'") from None
+
+    return parse
+
+
+_int_list = _comma_list(int, "2,4,6")
+_float_list = _comma_list(float, "0.5,1")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -427,13 +436,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--simulate-ratings", action="store_true", help="fill the study with SIMULATED ratings so the analysis can be seen (labelled simulated everywhere)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder and start over")
     p.set_defaults(func=_cmd_demo)
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1, got '{text}'") from None
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -26,11 +26,20 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_utf8_text(path: str | Path, what: str) -> str:
+    """The text of a user's file; a missing or non-UTF-8 file is a FangzhiError naming it (`what`: 'prompt set', ...)."""
     path = Path(path)
     if not path.is_file():
-        raise FangzhiError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise FangzhiError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FangzhiError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = read_utf8_text(path, "config file")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

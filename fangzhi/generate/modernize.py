@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from fangzhi.config import StrictModel
+from fangzhi.config import StrictModel, read_utf8_text
 from fangzhi.errors import FangzhiError
 from fangzhi.generate.prompts import PromptEntry, load_prompt_set, save_prompt_set
 
@@ -116,12 +116,7 @@ def read_source_text(path: str | Path) -> list[Excerpt]:
     (classical Chinese has no spaces between words).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FangzhiError(f"source text not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FangzhiError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    text = read_utf8_text(path, "source text")
     paragraphs: list[tuple[int, list[str]]] = []
     current: list[str] = []
     for line_number, raw_line in enumerate(text.splitlines(), start=1):

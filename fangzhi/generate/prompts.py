@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from fangzhi.config import StrictModel
+from fangzhi.config import StrictModel, read_utf8_text
 from fangzhi.errors import FangzhiError
 
 SHIPPED_PROMPT_SETS = Path(__file__).parent / "prompts"
@@ -116,12 +116,7 @@ def _jsonl_entries(path: Path, text: str) -> list[tuple[Any, int, dict[str, int]
 def load_prompt_set(path: str | Path) -> list[PromptEntry]:
     """Read and validate a prompt set (.yaml, .yml or .jsonl). Raises FangzhiError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise FangzhiError(f"prompt set not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FangzhiError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    text = read_utf8_text(path, "prompt set")
     if path.suffix in (".yaml", ".yml"):
         raw_entries = _yaml_entries(path, text)
     elif path.suffix == ".jsonl":
