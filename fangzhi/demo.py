@@ -33,16 +33,16 @@ def _tiny_train() -> TrainConfig:
             "base": TINY_BASE,
             "data": {"resolution": 64, "repeats": 4, "random_flip": True},
             "lora": {"rank": 4, "alpha": 4},
-            "epochs": 4,
+            "epochs": 10,
             "learning_rate": 1e-3,
-            "checkpoint_every": 16,
+            "checkpoint_every": 40,
         }
     )
 
 
 def _tiny_generate() -> GenerateConfig:
     return GenerateConfig.model_validate(
-        {"base": TINY_BASE, "limit_prompts": 6, "seeds": [0, 1], "steps": 10, "width": 64, "height": 64}
+        {"base": TINY_BASE, "seeds": [0, 1, 2, 3], "steps": 20, "width": 64, "height": 64}
     )
 
 

@@ -32,7 +32,8 @@ EncodeMode = Literal["chunk", "truncate"]
 def _chunk_token_ids(tokenizer, prompts: list[str], mode: EncodeMode) -> list[list[list[int]]]:
     """For each prompt, its text token ids (no start/end) cut into chunks of at most 75."""
     chunk_size = tokenizer.model_max_length - 2
-    all_ids = tokenizer(prompts, add_special_tokens=False, truncation=False).input_ids
+    # The length warning is moot here: long prompts are chunked (or truncated) below, never fed whole.
+    all_ids = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
     chunked_ids = []
     for prompt, ids in zip(prompts, all_ids):
         if mode == "truncate":
