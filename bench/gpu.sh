@@ -10,6 +10,6 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 mkdir -p results/bench
 "$PY" bench/train_bench.py --steps 10 --gpu-steps 30
-"$PY" bench/generate_bench.py
+"$PY" bench/generate_bench.py --repeats 5
 "$PY" bench/clip_bench.py
 "$PY" bench/gpu_summary.py

@@ -2,8 +2,8 @@
 
 FLOPs are counted, not guessed: torch's FlopCounterMode runs one SD v1.5-size UNet forward at 512 px
 (64×64 latents, batch 1). A training step at batch 2 is counted as forward + activation backward
-(about 2 forwards: the frozen weights need no weight gradients) for 2 images; an image at 35 DDIM
-steps with CFG 7 is 70 UNet forwards.
+(about 2 forwards: the frozen weights need no weight gradients) for 2 images; an image at N DDIM
+steps with classifier-free guidance is 2N UNet forwards (70 at the paper's 35 steps).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = next((value for key, value in PEAK_BF16_TFLOPS.items() if key in device), None)
     forward = unet_forward_tflops()
-    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "generate", "clip_bench") if (BENCH / f"{name}.json").exists()}
+    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "generate_bench", "clip_bench") if (BENCH / f"{name}.json").exists()}
     summary = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                "unet_forward_tflops_512": round(forward, 3), "peak_bf16_tflops": peak, "parts": parts, "mfu": {}}
     lines = [f"# GPU benchmark: {device}", "", f"torch {torch.__version__}; SD v1.5 UNet forward at 512 px = {forward:.3f} TFLOPs (counted)", ""]
@@ -50,16 +50,16 @@ def main() -> None:
             summary["mfu"][case["case"]] = round(achieved / peak, 4)
             line += f", MFU {achieved / peak:.1%}"
         lines.append(line)
-    for case in parts.get("generate", {}).get("cases", []):
-        seconds = case.get("seconds_per_image")
-        if seconds is None:
-            continue
-        line = f"- generate {case.get('case', '')}: {seconds:.4f} s/image"
-        if peak and "sd15" in str(case.get("case", "")):
-            achieved = 70 * forward / seconds
-            summary["mfu"][f"generate {case.get('case')}"] = round(achieved / peak, 4)
-            line += f", MFU {achieved / peak:.1%}"
-        lines.append(line)
+    for run in parts.get("generate_bench", {}).get("runs", []):
+        for mode, by_batch in run["results"].items():
+            for result in by_batch:
+                name = f"{run['base']} {run['size']}px {mode} batch {result['batch_size']}"
+                line = f"- generate {name}: {1 / result['images_per_s']:.4f} s/image ({run['steps']} {run['scheduler']} steps, CFG {run['cfg']}, {run['dtype']})"
+                if peak and run["base"] != "tiny":
+                    achieved = 2 * run["steps"] * forward * result["images_per_s"]
+                    summary["mfu"][f"generate {name}"] = round(achieved / peak, 4)
+                    line += f", MFU {achieved / peak:.1%}"
+                lines.append(line)
     for result in parts.get("clip_bench", {}).get("results", []):
         lines.append(f"- CLIP {result['model']} on {result['device']}: {result['end_to_end_images_per_s']:.1f} images/s end to end")
     (BENCH / "gpu.json").write_text(json.dumps(summary, indent=2))
