@@ -267,3 +267,22 @@ def test_optional_training_features_run_and_validation_images_are_written(tiny_b
 def test_cache_latents_with_random_augmentation_is_a_config_error():
     with pytest.raises(ValueError, match="cache_latents"):
         TrainConfig.model_validate({"cache_latents": True, "data": {"random_flip": True}})
+
+
+def test_v_prediction_is_taken_from_the_base_scheduler(tiny_base, tmp_path: Path):
+    import json
+    import shutil
+
+    v_base = tmp_path / "v-base"
+    shutil.copytree(tiny_base, v_base)
+    scheduler_config = v_base / "scheduler" / "scheduler_config.json"
+    settings = json.loads(scheduler_config.read_text())
+    scheduler_config.write_text(json.dumps({**settings, "prediction_type": "v_prediction"}))
+    out = tmp_path / "v"
+    train(tiny_config(str(v_base), out, max_steps=3, snr_gamma=5.0))
+    losses = [float(r.split(",")[2]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    epsilon_out = tmp_path / "eps"
+    train(tiny_config(tiny_base, epsilon_out, max_steps=3, snr_gamma=5.0))
+    epsilon_losses = [float(r.split(",")[2]) for r in (epsilon_out / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses != epsilon_losses  # same data, noise and timesteps: only the target differs

@@ -46,7 +46,7 @@ from fangzhi.generate.manifest import (
     recover_manifest,
 )
 from fangzhi.generate.prompts import PromptEntry, load_prompt_set
-from fangzhi.generate.text_encoding import _chunk_token_ids, encode_prompt_pair
+from fangzhi.generate.text_encoding import chunk_token_ids, encode_prompt_pair
 from fangzhi.models import load_pipeline, weights_sha256
 from fangzhi.train.lora import resolve_lora_file
 
@@ -254,7 +254,7 @@ def _deactivate(pipe, originals: dict[tuple[str, str], torch.Tensor]) -> None:
 
 def _count_chunks(tokenizer, items: list[WorkItem], mode: str) -> None:
     texts = sorted({t for item in items for t in (item.record["prompt"], item.record["negative"])})
-    counts = dict(zip(texts, (len(chunks) for chunks in _chunk_token_ids(tokenizer, texts, mode))))
+    counts = dict(zip(texts, (len(chunks) for chunks in chunk_token_ids(tokenizer, texts, mode))))
     for item in items:
         item.chunks = max(counts[item.record["prompt"]], counts[item.record["negative"]])
 

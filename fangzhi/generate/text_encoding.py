@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 EncodeMode = Literal["chunk", "truncate"]
 
 
-def _chunk_token_ids(tokenizer, prompts: list[str], mode: EncodeMode) -> list[list[list[int]]]:
+def chunk_token_ids(tokenizer, prompts: list[str], mode: EncodeMode) -> list[list[list[int]]]:
     """For each prompt, its text token ids (no start/end) cut into chunks of at most 75."""
     chunk_size = tokenizer.model_max_length - 2
     # The length warning is moot here: long prompts are chunked (or truncated) below, never fed whole.
@@ -74,7 +74,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], mode: EncodeMode
         raise ValueError(f"mode must be 'chunk' or 'truncate', got {mode!r}")
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
-    chunked_ids = _chunk_token_ids(tokenizer, list(prompts), mode)
+    chunked_ids = chunk_token_ids(tokenizer, list(prompts), mode)
     return _encode_chunked_ids(tokenizer, text_encoder, chunked_ids), [len(chunks) > 1 for chunks in chunked_ids]
 
 

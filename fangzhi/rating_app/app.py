@@ -89,15 +89,16 @@ def thank_you_page(lang: str) -> None:
         st.rerun()
 
 
-def apply_navigation(con, rater_id: int) -> None:
+def apply_navigation(con, rater_id: int) -> list[bool] | None:
     """Act on the Save & next or Back click that started this run, before the page is drawn.
 
     Done here rather than in on_click callbacks so that the save and drawing the next item share
     the run's one database connection (opening a DuckDB file costs ~12 ms).
+    Returns the rater's completed positions after a save (the page needs them too), else None.
     """
     position = st.session_state.get("position")
     if position is None:
-        return
+        return None
     shown_at = st.session_state.setdefault("shown_at", {})
     if st.session_state.get("back") and position > 0:
         shown_at.pop(position, None)
@@ -106,10 +107,13 @@ def apply_navigation(con, rater_id: int) -> None:
         answers = {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
         if any(score is None for score in answers.values()):
             st.session_state.missing_answers = True
-            return
+            return None
         seconds = time.monotonic() - shown_at.pop(position, time.monotonic())
         store.save_item(con, rater_id, position, answers, st.session_state.get(f"{position}-comment", ""), seconds)
-        st.session_state.position = next_position(store.completed_positions(con, rater_id), position)
+        complete = store.completed_positions(con, rater_id)
+        st.session_state.position = next_position(complete, position)
+        return complete
+    return None
 
 
 def item_page(con, rater: store.Rater, complete: list[bool], references: tuple[str, ...], lang: str) -> None:
@@ -172,9 +176,9 @@ def rater_flow(con, references: tuple[str, ...], lang: str) -> None:
         st.session_state.rater_id = rater.rater_id
     st.sidebar.write(i18n.text("signed_in_as", lang, name=rater.name))
 
-    if st.session_state.get("started"):
-        apply_navigation(con, rater.rater_id)
-    complete = store.completed_positions(con, rater.rater_id)
+    complete = apply_navigation(con, rater.rater_id) if st.session_state.get("started") else None
+    if complete is None:
+        complete = store.completed_positions(con, rater.rater_id)
     if not st.session_state.get("started"):
         instructions_page(complete, lang)
     elif st.session_state.position is None:

@@ -342,6 +342,11 @@ def item_view(db: Database, rater_id: int, position: int) -> ItemView:
 # ---- the one write path: used by the app, the demo's simulated raters and the tests ------------
 
 
+def _placeholders(rows: int, columns: int) -> str:
+    """`(?, ?), (?, ?)` for a multi-row VALUES list."""
+    return ", ".join(["(" + ", ".join(["?"] * columns) + ")"] * rows)
+
+
 def save_item(db: Database, rater_id: int, position: int, scores: Mapping[str, int], comment: str = "", seconds: float = 0.0
 ) -> None:
     """Save one item's four scores, comment and time in one transaction; revisions go to score_audit."""
@@ -363,18 +368,20 @@ def save_item(db: Database, rater_id: int, position: int, scores: Mapping[str, i
             raise FangzhiError(f"rater {rater_id} cannot save position {position} (no such item, or the rater was revoked)")
         now = con.execute("SELECT current_timestamp").fetchone()[0]
         old = dict(con.execute("SELECT dimension, score FROM scores WHERE rater_id = ? AND position = ?", [rater_id, position]).fetchall())
-        con.executemany(
-            """
-            INSERT INTO scores VALUES (?, ?, ?, ?, ?)
+        # One multi-row statement each: DuckDB's executemany runs a statement per row (~5 ms more per save).
+        con.execute(
+            f"""
+            INSERT INTO scores VALUES {_placeholders(len(scores), 5)}
             ON CONFLICT (rater_id, position, dimension) DO UPDATE SET score = excluded.score, updated_at = excluded.updated_at
             """,
-            [[rater_id, position, dimension, score, now] for dimension, score in scores.items()],
+            [value for dimension, score in scores.items() for value in (rater_id, position, dimension, score, now)],
         )
-        changes = [[rater_id, position, d, old.get(d), s, now] for d, s in scores.items() if old.get(d) != s]
+        changes = [(rater_id, position, d, old.get(d), s, now) for d, s in scores.items() if old.get(d) != s]
         if changes:
-            con.executemany(
-                "INSERT INTO score_audit (rater_id, position, dimension, old_score, new_score, changed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                changes,
+            con.execute(
+                "INSERT INTO score_audit (rater_id, position, dimension, old_score, new_score, changed_at) "
+                f"VALUES {_placeholders(len(changes), 6)}",
+                [value for change in changes for value in change],
             )
         con.execute(
             """
