@@ -67,7 +67,7 @@ def _plot_loss(loss_csv: Path, png: Path) -> None:
 
 
 @torch.no_grad()
-def _render_validation(pipe, cfg: TrainConfig, epoch: int, out_dir: Path, device: torch.device) -> None:
+def _render_validation(pipe, cfg: TrainConfig, epoch: int, out_dir: Path) -> None:
     folder = out_dir / "validation" / f"epoch-{epoch + 1:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     scheduler = pipe.scheduler
@@ -185,8 +185,10 @@ def train(cfg: TrainConfig) -> Path:
         return distribution.sample(generator=noise_generator) * vae.config.scaling_factor
 
     loss_csv = out_dir / "loss.csv"
-    if accelerator.is_main_process and not (cfg.resume and loss_csv.exists()):
-        loss_csv.write_text("step,epoch,loss,lr,seconds\n")
+    if accelerator.is_main_process:
+        # On resume, keep the log up to the checkpoint: steps after it are about to be redone.
+        kept = loss_csv.read_text().splitlines()[1 : position.global_step + 1] if cfg.resume and loss_csv.exists() else []
+        loss_csv.write_text("".join(f"{line}\n" for line in ["step,epoch,loss,lr,seconds", *kept]))
     if log_with:
         accelerator.init_trackers("fangzhi-train")
     progress = tqdm(total=total_steps, initial=position.global_step, disable=not accelerator.is_local_main_process, desc="train", unit="step")
@@ -265,7 +267,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.validation.prompts and (epoch + 1) % cfg.validation.every_epochs == 0 and accelerator.is_main_process:
             for model in trained.values():
                 model.eval()
-            _render_validation(pipe, cfg, epoch, out_dir, accelerator.device)
+            _render_validation(pipe, cfg, epoch, out_dir)
     progress.close()
 
     accelerator.wait_for_everyone()
