@@ -496,19 +496,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fangzhi", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fangzhi",
+        description="fangzhi (方志): teach Stable Diffusion a painting style with LoRA, generate paired base/LoRA images, "
+        "rate them blind, and analyse the ratings. Commands are listed in the order the data flows.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_demo(sub)
-    _add_base(sub)
-    _add_study(sub)
-    _add_rate(sub)
-    _add_train(sub)
-    _add_generate(sub)
-    _add_lora(sub)
-    _add_dataset(sub)
-    _add_analyze(sub)
-    _add_prompts(sub)
-    _add_clip(sub)
+    for add_command in (_add_demo, _add_base, _add_dataset, _add_train, _add_lora, _add_prompts, _add_generate,
+                        _add_study, _add_rate, _add_analyze, _add_clip):
+        add_command(sub)
     return parser
 
 
