@@ -226,6 +226,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {
         "base": args.base,
+        "base_config": args.base_config,
         "output_dir": args.output_dir,
         "data.path": args.data,
         "data.resolution": args.resolution,
@@ -256,6 +257,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML or TOML config file (keys as in configs/paper.yaml)")
     p.add_argument("--base", help="Hub id, local diffusers folder, or .safetensors/.ckpt checkpoint (default: SD v1.5's Hub id)")
+    p.add_argument("--base-config", help="for a .safetensors/.ckpt base: a diffusers folder (or Hub id) with its configs; default SD v1.5's from the HF cache")
     p.add_argument("--data", help="dataset folder (images + name.txt captions and/or metadata.jsonl)")
     p.add_argument("--output-dir", help="where the LoRA, logs and checkpoints go")
     p.add_argument("--resolution", type=int)
@@ -453,7 +455,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         except ValueError:
             raise FangzhiError(f"--size: expected 512 or 512x768, got '{args.size}'") from None
     overrides = {
-        "base": args.base, "prompts": args.prompts, "seeds": args.seeds, "out": args.out, "steps": args.steps,
+        "base": args.base, "base_config": args.base_config, "prompts": args.prompts, "seeds": args.seeds, "out": args.out, "steps": args.steps,
         "guidance_scale": args.cfg, "width": width, "height": height, "negative": args.negative,
         "batch_size": args.batch_size, "trigger": args.trigger, "trigger_arms": args.trigger_arms, "dtype": args.dtype,
         "compile": args.compile or None, "long_prompts": "truncate" if args.truncate_long_prompts else None,
@@ -474,6 +476,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML/TOML file with GenerateConfig keys (flags win)")
     p.add_argument("--base", help="Hub id, diffusers folder, or .safetensors/.ckpt checkpoint")
+    p.add_argument("--base-config", help="for a .safetensors/.ckpt base: a diffusers folder (or Hub id) with its configs; default SD v1.5's from the HF cache")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE[:LABEL]]",
                    help="LoRA file or training folder, optionally with scale and arm label (e.g. out/lora:0.5:half); repeat for more arms")
     p.add_argument("--lora-scale", type=_float_list, help="scales for --lora flags without one; each gives an arm, e.g. 0.5,1 (default 1)")

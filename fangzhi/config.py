@@ -76,7 +76,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-SHARED_KEYS = ("base",)
+SHARED_KEYS = ("base", "base_config")
 
 
 def load_config(
@@ -85,7 +85,7 @@ def load_config(
     """Build `model` from an optional config file, then dotted-key overrides (CLI flags; None means 'not given').
 
     A study config (configs/paper.yaml) holds one section per command; with `section`, a file that has
-    that section is read from it, plus the top-level keys every stage shares (`base`).
+    that section is read from it, plus the top-level keys every stage shares (`base`, `base_config`).
     """
     data = read_config_file(path) if path else {}
     if section and isinstance(data.get(section), dict):

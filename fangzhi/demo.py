@@ -63,6 +63,7 @@ class StudySettings(StrictModel):
 class DemoConfig(StrictModel):
     out: str = Field(default="results/demo", description="every artifact of the run goes here")
     base: str = Field(default=TINY_BASE, description="base model for training and generation (Hub id, folder or checkpoint)")
+    base_config: str | None = Field(default=None, description="for a single-file base: the diffusers folder or Hub id whose configs describe it")
     build_tiny_base: bool = Field(default=True, description="write the tiny offline base to `base` first (the offline demo)")
     require_gpu: bool = Field(default=False, description="stop before any work when no CUDA GPU is present (full-size runs)")
     train: TrainConfig = Field(default_factory=_tiny_train)
@@ -72,8 +73,8 @@ class DemoConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_base_for_every_stage(self) -> "DemoConfig":
-        self.train.base = self.base
-        self.generate.base = self.base
+        self.train.base, self.train.base_config = self.base, self.base_config
+        self.generate.base, self.generate.base_config = self.base, self.base_config
         return self
 
 
@@ -116,7 +117,7 @@ def check_prerequisites(cfg: DemoConfig) -> None:
     if cfg.require_gpu and not torch.cuda.is_available():
         raise FangzhiError("this config needs a CUDA GPU (require_gpu: true) and none is visible; run it on a GPU machine, or run `fangzhi demo` without --config for the offline CPU demo")
     if not cfg.build_tiny_base:
-        problem = base_available(cfg.base)
+        problem = base_available(cfg.base, cfg.base_config)
         if problem:
             raise FangzhiError(problem)
 

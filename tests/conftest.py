@@ -11,3 +11,11 @@ def tiny_base(tmp_path_factory) -> str:
     from fangzhi.models import build_tiny_base
 
     return str(build_tiny_base(tmp_path_factory.mktemp("tiny-base"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def sd15_random(tmp_path_factory) -> str:
+    """SD v1.5's full-size architecture as a diffusers folder with random weights (~4 GB, ~25 s to write)."""
+    from fangzhi.models import build_sd15_random_base
+
+    return str(build_sd15_random_base(tmp_path_factory.mktemp("sd15-random"), seed=0))

@@ -60,3 +60,15 @@ def test_cli_base_command_and_missing_base_exit_codes(tmp_path: Path, capsys):
     assert (tmp_path / "t" / "model_index.json").is_file()
     assert main(["generate", "--base", "nobody/no-such-model", "--out", str(tmp_path / "g"), "--seeds", "0"]) == 2
     assert "nobody/no-such-model" in capsys.readouterr().err
+
+
+def test_single_file_without_any_configs_says_how_to_get_them(tmp_path: Path):
+    # This machine has no network and no SD v1.5 configs in its Hugging Face cache.
+    checkpoint = tmp_path / "model.SAFETENSORS"  # extensions are matched case-insensitively
+    checkpoint.write_bytes(b"\0" * 16)
+    with pytest.raises(FangzhiError) as caught:
+        load_pipeline(str(checkpoint))
+    message = str(caught.value)
+    assert "model.SAFETENSORS" in message and "--base-config" in message and "huggingface-cli download" in message
+    with pytest.raises(FangzhiError, match="not a diffusers folder"):
+        load_pipeline(str(checkpoint), base_config=str(tmp_path))

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fangzhi.models import build_sd15_random_base, load_pipeline
+from fangzhi.models import load_pipeline
 from fangzhi.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def sd15_random(tmp_path_factory) -> str:
-    return str(build_sd15_random_base(tmp_path_factory.mktemp("sd15-random"), seed=0))
 
 
 def test_components_have_sd15_sizes(sd15_random: str):

@@ -51,6 +51,7 @@ class LoraArm(StrictModel):
 
 class GenerateConfig(StrictModel):
     base: str = Field(DEFAULT_BASE, description="Hub id, diffusers folder or .safetensors/.ckpt checkpoint")
+    base_config: str | None = Field(None, description="for a single-file base: the diffusers folder or Hub id whose configs describe it (default SD v1.5's)")
     loras: list[LoraArm] = Field(default_factory=list, description="one extra arm per entry; empty = base arm only")
     prompts: str = Field(str(SHUNTIAN_PROMPT_SET), description="prompt set (.yaml/.jsonl, docs/formats.md)")
     limit_prompts: int | None = Field(None, ge=1, description="use only the first N prompts of the set")

@@ -191,7 +191,7 @@ def _write_png(image, path: Path, parameters: str) -> str:
 
 
 def prepare_pipeline(config: GenerateConfig, device: torch.device, dtype: str):
-    pipe = load_pipeline(config.base, torch_dtype=TORCH_DTYPES[dtype])
+    pipe = load_pipeline(config.base, torch_dtype=TORCH_DTYPES[dtype], base_config=config.base_config)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     # diffusers' default attention processor on torch 2 is AttnProcessor2_0, i.e. SDPA.

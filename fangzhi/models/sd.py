@@ -48,36 +48,55 @@ def _looks_like_hub_id(base: str) -> bool:
     return base.count("/") == 1 and not base.startswith((".", "/", "~"))
 
 
-def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, single_file_config: str | None = None) -> StableDiffusionPipeline:
+def _is_single_file(path: Path) -> bool:
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def _on_hub(repo_id: str) -> bool:
+    """True when the Hub id's pipeline is in the local Hugging Face cache, or the Hub can be reached to fetch it."""
+    from huggingface_hub import file_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return True
+    try:
+        return file_exists(repo_id, "model_index.json")
+    except Exception:  # no network, or the Hub refused: either way it cannot be fetched now
+        return False
+
+
+def _single_file_config_problem(base_config: str | None) -> str | None:
+    """Why the configs describing a single-file checkpoint cannot be had, or None."""
+    config = base_config or DEFAULT_BASE
+    path = Path(config).expanduser()
+    if path.is_dir():
+        return None if (path / "model_index.json").is_file() else f"base_config {path} is not a diffusers folder (no model_index.json)"
+    if _looks_like_hub_id(config) and _on_hub(config):
+        return None
+    return (
+        f"a single checkpoint file needs the configs of its architecture, and '{config}' is neither a local diffusers "
+        f"folder nor in the Hugging Face cache, and the Hub cannot be reached. Run `huggingface-cli download {DEFAULT_BASE} --include '*.json' '*.txt'` "
+        "once on a machine with network (the configs are a few KB), or set base_config (--base-config) to a local "
+        "SD v1.5 diffusers folder"
+    )
+
+
+def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, base_config: str | None = None) -> StableDiffusionPipeline:
     """Load an SD v1.x pipeline from a Hub id, a local diffusers folder or a single .safetensors/.ckpt file.
 
     The safety checker is left out: images are rated by people, and its weights are a separate download.
-    `single_file_config` names the diffusers folder or Hub id whose configs describe a single-file
-    checkpoint (defaults to SD v1.5's, which must then be in the Hub cache).
+    `base_config` names the diffusers folder or Hub id whose configs describe a single-file checkpoint
+    (default SD v1.5's Hub id, which must then be in the Hugging Face cache when offline).
     """
     path = Path(base).expanduser()
     kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    problem = base_available(base, base_config)
+    if problem:
+        raise FangzhiError(problem)
     try:
-        if path.suffix in SINGLE_FILE_SUFFIXES:
-            if not path.is_file():
-                raise FangzhiError(f"base checkpoint file not found: {path}. {_how_to_provide(base)}")
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=single_file_config or DEFAULT_BASE, **kwargs)
-        elif path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise FangzhiError(f"{path} is not a diffusers pipeline folder (no model_index.json). {_how_to_provide(base)}")
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-        elif _looks_like_hub_id(base):
-            try:
-                pipe = StableDiffusionPipeline.from_pretrained(base, **kwargs)
-            except (OSError, ValueError):
-                raise FangzhiError(
-                    f"could not load base '{base}': it is a Hub id, but it is not in the local Hugging Face cache "
-                    f"and the Hub could not be reached. {_how_to_provide(base)}"
-                ) from None
+        if _is_single_file(path):
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=base_config or DEFAULT_BASE, **kwargs)
         else:
-            raise FangzhiError(f"base not found: '{base}' is neither an existing folder or checkpoint file nor a Hub id. {_how_to_provide(base)}")
-    except FangzhiError:
-        raise
+            pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base, **kwargs)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FangzhiError(f"could not load base '{base}': {first_line}. {_how_to_provide(base)}") from None
@@ -85,18 +104,24 @@ def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, single_fi
     return pipe
 
 
-def base_available(base: str) -> str | None:
-    """Why `base` cannot be loaded here without trying (None when it looks loadable): for fail-fast checks."""
+def base_available(base: str, base_config: str | None = None) -> str | None:
+    """Why `base` cannot be loaded here, found without loading it (None when it looks loadable)."""
     path = Path(base).expanduser()
-    if path.suffix in SINGLE_FILE_SUFFIXES:
-        return None if path.is_file() else f"base checkpoint file not found: {path}. {_how_to_provide(base)}"
+    if _is_single_file(path):
+        if not path.is_file():
+            return f"base checkpoint file not found: {path}. {_how_to_provide(base)}"
+        problem = _single_file_config_problem(base_config)
+        return f"could not load base '{base}': {problem}" if problem else None
     if path.is_dir():
         return None if (path / "model_index.json").is_file() else f"{path} is not a diffusers pipeline folder (no model_index.json). {_how_to_provide(base)}"
-    from huggingface_hub import try_to_load_from_cache
-
-    if _looks_like_hub_id(base) and isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+    if not _looks_like_hub_id(base):
+        return f"base not found: '{base}' is neither an existing folder or checkpoint file nor a Hub id. {_how_to_provide(base)}"
+    if _on_hub(base):
         return None
-    return f"base '{base}' is not a local folder or checkpoint, nor in the Hugging Face cache. {_how_to_provide(base)}"
+    return (
+        f"could not load base '{base}': it is a Hub id, but it is not in the local Hugging Face cache "
+        f"and the Hub cannot be reached. {_how_to_provide(base)}"
+    )
 
 
 def weights_sha256(base: str) -> str:

@@ -40,6 +40,7 @@ class ValidationSettings(StrictModel):
 
 class TrainConfig(StrictModel):
     base: str = Field(default=DEFAULT_BASE, description="Hub id, local diffusers folder, or single .safetensors/.ckpt checkpoint")
+    base_config: str | None = Field(default=None, description="for a single-file base: the diffusers folder or Hub id whose configs describe it (default SD v1.5's)")
     output_dir: str = Field(default="results/lora", description="where the LoRA file, logs, checkpoints and the resolved config go")
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)

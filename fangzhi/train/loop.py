@@ -109,7 +109,7 @@ def train(cfg: TrainConfig) -> Path:
         save_config(cfg, out_dir / "config.yaml")
 
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    pipe = load_pipeline(cfg.base, torch_dtype=weight_dtype)
+    pipe = load_pipeline(cfg.base, torch_dtype=weight_dtype, base_config=cfg.base_config)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
