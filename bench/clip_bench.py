@@ -11,7 +11,6 @@ written to a temporary generation manifest, the size Stable Diffusion v1.5 produ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -21,37 +20,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fangzhi.evaluate.clip_score import score_manifest  # noqa: E402
 from fangzhi.models.clip import build_tiny_clip, load_clip  # noqa: E402
-
-
-def write_bench_manifest(folder: Path, n_images: int, size: int = 512) -> Path:
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    lines = []
-    for i in range(n_images):
-        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
-        draw = ImageDraw.Draw(image)
-        for _ in range(12):
-            x0, y0 = (int(v) for v in rng.integers(0, size - 64, 2))
-            draw.ellipse((x0, y0, x0 + 64, y0 + 64), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-        image_id = f"{i:016x}"
-        path = folder / "images" / f"{image_id}.png"
-        image.save(path)
-        lines.append({
-            "image_id": image_id, "file": f"images/{image_id}.png", "arm": "base" if i % 2 == 0 else "lora",
-            "prompt_id": f"p{i // 4}", "seed": i % 2 + 2 * ((i // 2) % 2), "prompt_en": f"a painting of scene number {i // 4}, mountains and rivers",
-            "image_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        })
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    return manifest
+from fangzhi.rating_app.sample import write_sample_manifest  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,9 +78,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = write_bench_manifest(tmp / "run", args.images)
+        # Two arms × two seeds per prompt, 512 px painting-like PNGs: a complete generation manifest.
+        n_prompts = max(1, args.images // 4)
+        manifest = write_sample_manifest(tmp / "run", n_prompts=n_prompts, seeds=(0, 1), size=512)
+        n_images = 4 * n_prompts
         tiny = load_clip(pretrained=str(build_tiny_clip(tmp / "tiny-clip")), device="cpu")
-        results.append(measure("tiny (fangzhi.models.clip.build_tiny_clip)", tiny, manifest, args.images, args.batch_size))
+        results.append(measure("tiny (fangzhi.models.clip.build_tiny_clip)", tiny, manifest, n_images, args.batch_size))
 
         large_device = args.large_device
         if large_device == "auto":
@@ -115,7 +94,7 @@ def main() -> None:
             # ViT-L-14's architecture with random weights: the speed of the real scorer without the download.
             model, _, preprocess = open_clip.create_model_and_transforms("ViT-L-14", pretrained=None, device=large_device)
             large = (model.eval(), preprocess, open_clip.get_tokenizer("ViT-L-14"))
-            results.append(measure("ViT-L-14 (random weights)", large, manifest, args.images, args.batch_size))
+            results.append(measure("ViT-L-14 (random weights)", large, manifest, n_images, args.batch_size))
 
     record = {
         "benchmark": "clip_bench",

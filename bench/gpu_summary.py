@@ -21,9 +21,9 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def unet_forward_tflops() -> float:
-    from diffusers import UNet2DConditionModel
+    from fangzhi.models.sd import sd15_unet_config  # before diffusers: fangzhi quiets a bitsandbytes import warning
 
-    from fangzhi.models.sd import sd15_unet_config
+    from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15_unet_config())
