@@ -462,7 +462,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "limit_prompts": args.limit_prompts, "contact_sheets": False if args.no_contact_sheets else None,
         "loras": lora_arms_from_specs(args.lora, args.lora_scale) if args.lora else None,
     }
-    generate(load_config(GenerateConfig, args.config, overrides))
+    generate(load_config(GenerateConfig, args.config, overrides, section="generate"))
     return 0
 
 

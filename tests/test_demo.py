@@ -102,3 +102,15 @@ def test_paper_config_fails_fast_without_gpu_or_weights(tmp_path: Path, capsys, 
     err = capsys.readouterr().err
     assert "GPU" in err or "stable-diffusion-v1-5" in err
     assert not (tmp_path / "results").exists(), "nothing is written before the check"
+
+
+def test_stage_commands_read_their_section_of_a_study_config():
+    from fangzhi.generate.config import GenerateConfig
+    from fangzhi.train import TrainConfig
+
+    paper = ROOT / "configs" / "paper.yaml"
+    train = load_config(TrainConfig, paper, section="train")
+    generate = load_config(GenerateConfig, paper, section="generate")
+    assert train.base == generate.base == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (train.epochs, train.batch_size, train.data.resolution, train.optimizer) == (15, 2, 512, "adamw8bit")
+    assert (generate.steps, generate.guidance_scale, generate.width, generate.seeds) == (35, 7.0, 512, [0, 1, 2, 3])
