@@ -30,7 +30,6 @@ DEMO_RATERS = ["rater-1", "rater-2", "rater-3", "rater-4"]
 def _tiny_train() -> TrainConfig:
     return TrainConfig.model_validate(
         {
-            "base": TINY_BASE,
             "data": {"resolution": 64, "repeats": 4, "random_flip": True},
             "lora": {"rank": 4, "alpha": 4},
             "epochs": 10,
@@ -42,7 +41,7 @@ def _tiny_train() -> TrainConfig:
 
 def _tiny_generate() -> GenerateConfig:
     return GenerateConfig.model_validate(
-        {"base": TINY_BASE, "seeds": [0, 1, 2, 3], "steps": 20, "width": 64, "height": 64}
+        {"seeds": [0, 1, 2, 3], "steps": 20, "width": 64, "height": 64}
     )
 
 

@@ -45,7 +45,8 @@ class ClipScoreConfig(StrictModel):
 def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
     """The generation manifest as a table (one row per image, `path` resolved); problems name the line."""
     manifest_path = Path(manifest_path)
-    records = read_generation_manifest(manifest_path, check_files=True)
+    # Files are checked against image_sha256 when they are read for embedding, not twice.
+    records = read_generation_manifest(manifest_path)
     if not records:
         raise FangzhiError(f"{manifest_path}: no images listed")
     return pd.DataFrame(
@@ -76,6 +77,8 @@ def reference_set_sha256(paths: list[Path]) -> str:
 def _open_image(path: Path, expected_sha256: str | None, where: str):
     from PIL import Image, UnidentifiedImageError
 
+    if not path.is_file():
+        raise FangzhiError(f"{where}: image file not found: {path}")
     data = path.read_bytes()
     if isinstance(expected_sha256, str) and expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise FangzhiError(f"{where}: {path} does not match its image_sha256 in the manifest (the file changed after generation)")

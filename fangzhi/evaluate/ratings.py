@@ -200,11 +200,7 @@ def read_study_db(db_path: str | Path, drop_bad_rows: bool = False) -> tuple[pd.
     from fangzhi.rating_app.store import read_ratings
 
     raw = read_ratings(db_path)
-    if "image_id" in raw.columns:
-        kinds = raw["kind"] if "kind" in raw.columns else ["main"] * len(raw)
-        positions = [f"rater {r}, image {i} ({k})" for r, i, k in zip(raw["rater"], raw["image_id"], kinds)]
-    else:
-        positions = [f"row {i}" for i in range(1, len(raw) + 1)]
+    positions = [f"rater {r}, image {i} ({k})" for r, i, k in zip(raw["rater"], raw["image_id"], raw["kind"])]
     return validate_ratings(raw, source=str(db_path), positions=positions, drop_bad_rows=drop_bad_rows)
 
 
