@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
 from fangzhi.models import build_sd15_random_base, build_tiny_base
 from fangzhi.train import TrainConfig, train
@@ -33,6 +34,8 @@ def seconds_per_step(loss_csv: Path) -> float:
 def run_case(name: str, base: str, work: Path, steps: int, **settings) -> dict:
     out = work / name
     cfg = TrainConfig.model_validate({"base": base, "output_dir": str(out), "max_steps": steps, "checkpoint_every": 10**6, **settings})
+    # Accelerate keeps one process-wide state; each case sets its own mixed precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
