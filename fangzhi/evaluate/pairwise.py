@@ -75,7 +75,6 @@ class EncodedVotes:
     rater_names: list[str]
     is_main: np.ndarray  # counts in the analysis
     repeat_of: np.ndarray  # for a swapped-side repeat, the row of the vote it repeats; else -1
-    n_units: int
 
 
 def encode_votes(votes: pd.DataFrame, reference_arm: str) -> EncodedVotes:
@@ -133,24 +132,24 @@ def encode_votes(votes: pd.DataFrame, reference_arm: str) -> EncodedVotes:
         rater_names=list(votes["rater"].cat.categories),
         is_main=is_main,
         repeat_of=repeat_of,
-        n_units=int(unit.max()) + 1,
     )
 
 
 def score_matrices(encoded: EncodedVotes) -> sparse.csr_matrix:
     """Per unit, the flattened (dimension, arm i, arm j) matrix of i's score against j (win 1, tie 1/2 each side).
 
-    Shape (units, dimensions·k·k); only main votes count.
+    Shape (units, dimensions·k·k); only main votes count, and only units with a main vote are rows.
     """
     k = len(encoded.arms)
     main = encoded.is_main
-    dim, low, high, outcome, unit = (a[main] for a in (encoded.dimension, encoded.low, encoded.high, encoded.outcome, encoded.unit))
+    dim, low, high, outcome = (a[main] for a in (encoded.dimension, encoded.low, encoded.high, encoded.outcome))
+    used_units, unit = np.unique(encoded.unit[main], return_inverse=True)
     low_score = np.select([outcome == LOW_WINS, outcome == TIE], [1.0, 0.5], 0.0)
     columns = np.concatenate([(dim * k + low) * k + high, (dim * k + high) * k + low])
     rows = np.concatenate([unit, unit])
     data = np.concatenate([low_score, 1.0 - low_score])
     keep = data > 0
-    return sparse.csr_matrix((data[keep], (rows[keep], columns[keep])), shape=(encoded.n_units, len(DIMENSION_KEYS) * k * k))
+    return sparse.csr_matrix((data[keep], (rows[keep], columns[keep])), shape=(len(used_units), len(DIMENSION_KEYS) * k * k))
 
 
 def mle_exists(wins: np.ndarray) -> np.ndarray:
@@ -368,7 +367,7 @@ def plot_strengths(strengths: pd.DataFrame, arms: list[str], title: str) -> byte
         ax.set_title(DIMENSION_NAMES[dim])
         ax.set_xlabel("Elo (95% bootstrap CI)")
     axes[0].set_yticks(y, arms)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -446,7 +445,7 @@ def analyze_votes(
         "n_repeats": int((encoded.repeat_of >= 0).sum()),
         "n_left_out": int((~main & (encoded.repeat_of < 0)).sum()),
         "n_raters": len(encoded.rater_names),
-        "n_units": encoded.n_units,
+        "n_units": unit_scores.shape[0],
         "n_prompts": int(votes["prompt"].nunique()),
         "tie_share": float((encoded.outcome[main] == TIE).mean()),
         # Left-side bias: with balanced sides this is near 0.5.
