@@ -35,7 +35,7 @@ from scipy.special import expit, log_expit
 from fangzhi.dimensions import DIMENSION_KEYS, DIMENSIONS
 from fangzhi.errors import FangzhiError
 from fangzhi.evaluate import report
-from fangzhi.evaluate.pairwise_votes import CHOICES, read_pairwise_file, validate_pairwise_votes
+from fangzhi.evaluate.pairwise_votes import CHOICES, group_codes, read_pairwise_file, validate_pairwise_votes
 from fangzhi.evaluate.ratings import BadRows
 from fangzhi.evaluate.reliability import krippendorff_alpha
 from fangzhi.evaluate.stats import holm
@@ -47,6 +47,7 @@ ELO_PER_LOGIT = 400.0 / np.log(10.0)  # Elo points per unit of natural log-odds
 # Outcome codes relative to the pair's arm order (lower arm code first), so the side shown does not matter.
 LOW_WINS, TIE, HIGH_WINS = 0, 1, 2
 BOOTSTRAP_CELLS_PER_CHUNK = 4_000_000  # resamples × units drawn at a time (bounds memory for big studies)
+DENSE_CELLS = 20_000_000  # units × matrix cells up to which the per-unit score matrix is used dense
 DIMENSION_NAMES = {d.key: d.name_en for d in DIMENSIONS}
 TABLE_COLUMNS = ["dimension", "arm", "elo", "elo_ci_low", "elo_ci_high", "win_rate_vs_reference", "n_comparisons"]
 METHOD_NOTE = (
@@ -96,29 +97,25 @@ def encode_votes(votes: pd.DataFrame, reference_arm: str) -> EncodedVotes:
     left_is_low = left < right
     winner_is_low = np.where(choice == CHOICES.index("left"), left_is_low, ~left_is_low)
     outcome = np.where(choice == CHOICES.index("tie"), TIE, np.where(winner_is_low, LOW_WINS, HIGH_WINS))
-    seed_code = pd.factorize(votes["seed"].to_numpy())[0]
-    unit = pd.factorize(votes["prompt"].cat.codes.to_numpy().astype(np.int64) * (seed_code.max() + 1) + seed_code)[0]
+    unit = group_codes(votes["prompt"].cat.codes.to_numpy(), votes["seed"].to_numpy())
     rater = votes["rater"].cat.codes.to_numpy().astype(np.int64)
     dimension = votes["dimension"].cat.codes.to_numpy().astype(np.int64)
 
-    comparison = pd.DataFrame({"rater": rater, "unit": unit, "dimension": dimension, "low": low, "high": high})
+    comparison = group_codes(rater, unit, dimension, low, high)
+    first_row = np.unique(comparison, return_index=True)[1]  # codes are dense, so this maps code -> its first row
     n = len(votes)
     repeat_of = np.full(n, -1, dtype=np.int64)
     if "kind" in votes.columns:
         kind = votes["kind"].to_numpy(dtype=object)
         is_main = kind == "main"
+        main_row = np.full(len(first_row), -1, dtype=np.int64)
+        main_row[comparison[is_main]] = np.flatnonzero(is_main)
         retest = np.flatnonzero(kind == "retest")
-        main_rows = pd.Series(np.flatnonzero(is_main), index=pd.MultiIndex.from_frame(comparison.loc[is_main]))
-        matched = main_rows.reindex(pd.MultiIndex.from_frame(comparison.iloc[retest])).to_numpy()
-        found = ~np.isnan(matched)
-        repeat_of[retest[found]] = matched[found].astype(np.int64)
+        repeat_of[retest] = main_row[comparison[retest]]
     else:
-        later = comparison.duplicated(keep="first").to_numpy()
-        is_main = ~later
-        first_row = comparison.groupby(list(comparison.columns), sort=False).ngroup().to_numpy()
-        row_of_group = np.full(first_row.max() + 1, -1, dtype=np.int64)
-        row_of_group[first_row[is_main]] = np.flatnonzero(is_main)
-        repeat_of[later] = row_of_group[first_row[later]]
+        is_main = np.zeros(n, dtype=bool)
+        is_main[first_row] = True
+        repeat_of[~is_main] = first_row[comparison[~is_main]]
     return EncodedVotes(
         arms=order,
         dimension=dimension,
@@ -242,14 +239,15 @@ def bootstrap_elo(unit_scores: sparse.csr_matrix, k: int, n_boot: int, rng: np.r
     resamples so that resamples × units stays bounded; one sparse product gives all their win matrices.
     """
     n_units = unit_scores.shape[0]
-    transposed = unit_scores.T.tocsr()
+    # A dense product (BLAS) is many times faster than a sparse one while the matrix is small.
+    matrix = unit_scores.toarray() if n_units * unit_scores.shape[1] <= DENSE_CELLS else unit_scores
     chunk = max(1, min(n_boot, BOOTSTRAP_CELLS_PER_CHUNK // max(n_units, 1)))
     matrices = []
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
         draws = rng.integers(0, n_units, size=(size, n_units)) + (np.arange(size) * n_units)[:, None]
         counts = np.bincount(draws.ravel(), minlength=size * n_units).reshape(size, n_units)
-        matrices.append(np.asarray(transposed @ counts.T.astype(np.float64)).T)
+        matrices.append(np.asarray(counts.astype(np.float64) @ matrix))
     resampled = np.concatenate(matrices).reshape(n_boot, len(DIMENSION_KEYS), k, k)
     return to_elo(bradley_terry(resampled))
 

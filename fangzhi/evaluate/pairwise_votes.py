@@ -203,6 +203,11 @@ def parse_seeds(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         return np.where(bad, 0, floats).astype(np.int64), bad
     text = values.astype("string").str.strip()
     well_formed = text.str.fullmatch(r"[+-]?[0-9]+").to_numpy(dtype=bool, na_value=False)
+    if well_formed.all():
+        try:  # the usual case: one cast, which refuses values outside int64
+            return text.astype("int64").to_numpy(), np.zeros(n, dtype=bool)
+        except OverflowError:
+            pass
     digits = text.str.lstrip("+-").str.lstrip("0").to_numpy(dtype=object, na_value="")
     length = np.fromiter(map(len, digits), dtype=np.int64, count=n) if n else np.zeros(0, dtype=np.int64)
     bad = ~well_formed | (length > len(INT64_MAX_DIGITS))
@@ -221,21 +226,24 @@ def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, pos
     """Flag every copy of a vote given twice (among rows otherwise valid), naming the first copy."""
     arm_a, arm_b = coded["left"][0], coded["right"][0]
     by_kind = "kind" in coded
-    key = {"rater": coded["rater"][0], "prompt": coded["prompt"][0], "seed": seeds, "dimension": coded["dimension"][0]}
+    columns = {"rater": coded["rater"][0], "prompt": coded["prompt"][0], "seed": seeds, "dimension": coded["dimension"][0]}
     if by_kind:  # one row per kind and comparison, whichever side each arm was on
         kind_codes, kind_names = coded["kind"]
         candidates = candidates & ~np.isin(kind_codes, np.flatnonzero(kind_names == "attention"))
         arm_a, arm_b = np.minimum(arm_a, arm_b), np.maximum(arm_a, arm_b)
-        key["kind"] = kind_codes
-    key["arm_a"], key["arm_b"] = arm_a, arm_b
-    key = pd.DataFrame(key)
-    duplicated = np.zeros(len(key), dtype=bool)
-    duplicated[candidates] = key.loc[candidates].duplicated(keep=False).to_numpy()
-    if not duplicated.any():
+        columns["kind"] = kind_codes
+    columns["arm_a"], columns["arm_b"] = arm_a, arm_b
+    rows = np.flatnonzero(candidates)
+    group = group_codes(*(values[rows] for values in columns.values()))
+    repeated = np.bincount(group)[group] > 1
+    if not repeated.any():
         return
-    rows = np.flatnonzero(duplicated)
-    copies = key.loc[duplicated].assign(label=_labels(positions, rows))
-    first = copies.groupby(list(key.columns), sort=False)["label"].transform("first")
+    rows, group = rows[repeated], group[repeated]
+    first_of_group = dict(zip(*np.unique(group, return_index=True)))
+    first = np.array(_labels(positions, rows), dtype=object)[[first_of_group[g] for g in group]]
+    copies = {name: values[rows] for name, values in columns.items()}
+    duplicated = np.zeros(len(seeds), dtype=bool)
+    duplicated[rows] = True
     arm_names = coded["left"][1]
     arms = "arms {} and {}" if by_kind else "left {}, right {}"
     texts = [
@@ -244,6 +252,25 @@ def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, pos
         for r, p, seed, d, a, b, where in zip(copies["rater"], copies["prompt"], copies["seed"], copies["dimension"], copies["arm_a"], copies["arm_b"], first)
     ]
     flag(duplicated, lambda rows: texts)
+
+
+def group_codes(*columns: np.ndarray) -> np.ndarray:
+    """One dense code per distinct combination of the given columns' values (codes in order of first appearance).
+
+    Mixed-radix arithmetic on the columns' own codes, re-compacted before it could overflow int64: hashing one
+    int64 column is several times faster than `DataFrame.duplicated` over many.
+    """
+    key = np.zeros(len(columns[0]), dtype=np.int64)
+    radix = 1
+    for column in columns:
+        codes, distinct = pd.factorize(column)
+        width = max(len(distinct), 1)
+        if radix * width >= 2**62:
+            key, compact = pd.factorize(key)
+            radix = len(compact)
+        key = key * width + codes
+        radix *= width
+    return pd.factorize(key)[0]
 
 
 def _labels(positions: list[str] | None, index: np.ndarray) -> list[str]:
