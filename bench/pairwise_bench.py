@@ -4,8 +4,8 @@
 960,000 first votes, plus 40,000 swapped-side repeats = 1,000,000 rows, simulated and written as CSV first
 (not timed). Timed: `analyze_pairwise(csv, out)` as one call (read + validate + counts, sign tests,
 Bradley–Terry with 2,000 unit-bootstrap resamples, agreement, plot, CSV/Markdown/LaTeX/JSON/HTML), the same
-on the in-memory table, and the whole process (`python -c` importing fangzhi and running the call, so
-interpreter start and imports are included).
+on the in-memory table, the whole process (`python -c` importing fangzhi and running the call, so
+interpreter start and imports are included), and a process that only imports the module.
 
     .venv/bin/python bench/pairwise_bench.py
 
@@ -31,6 +31,12 @@ ARMS = ("base", "lora@0.5", "lora@0.75", "lora@1.0")
 ELO = {"base": 1000.0, "lora@0.5": 1030.0, "lora@0.75": 1060.0, "lora@1.0": 1050.0}
 
 
+def timed_process(code: str, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=400, help="prompts (400 × 10 seeds gives 1,000,000 votes)")
@@ -54,10 +60,11 @@ def main() -> None:
         analyze_pairwise(votes, Path(tmp) / "from_frame", n_boot=args.bootstrap, seed=0, title_note="benchmark")
         frame_seconds = time.perf_counter() - start
 
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
         call = f"from fangzhi.evaluate.pairwise import analyze_pairwise; analyze_pairwise({str(path)!r}, {str(Path(tmp) / 'process')!r}, n_boot={args.bootstrap})"
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", call], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))})
-        process_seconds = time.perf_counter() - start
+        process_seconds = timed_process(call, env)
+        # The import alone: `fangzhi.evaluate`'s package __init__ imports the CLIP modules (torch, diffusers).
+        import_seconds = timed_process("import fangzhi.evaluate.pairwise", env)
 
     strengths = result.strengths.loc[result.strengths["dimension"] == "style"]
     summary = {
@@ -68,6 +75,7 @@ def main() -> None:
         "analyze_pairwise_from_csv_cpu_seconds": round(file_cpu_seconds, 3),
         "analyze_pairwise_from_dataframe_seconds": round(frame_seconds, 3),
         "whole_process_seconds": round(process_seconds, 3),
+        "import_only_process_seconds": round(import_seconds, 3),
         # Other jobs on the machine inflate wall time; the 1-minute load average shows how busy it was.
         "load_average_1min_before": round(load_before, 2),
         "target_seconds": 5.0,

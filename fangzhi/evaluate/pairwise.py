@@ -69,7 +69,6 @@ class EncodedVotes:
     low: np.ndarray  # the pair's arm with the lower code
     high: np.ndarray
     outcome: np.ndarray  # LOW_WINS / TIE / HIGH_WINS
-    left_is_low: np.ndarray
     choice: np.ndarray  # index into CHOICES
     unit: np.ndarray  # prompt × seed unit code
     rater: np.ndarray
@@ -122,7 +121,6 @@ def encode_votes(votes: pd.DataFrame, reference_arm: str) -> EncodedVotes:
         low=low,
         high=high,
         outcome=outcome,
-        left_is_low=left_is_low,
         choice=choice,
         unit=unit,
         rater=rater,
