@@ -31,7 +31,7 @@ from fangzhi.evaluate.pairwise_power import (
     simulate_pairwise_votes,
     simulated_sign_test_power,
 )
-from fangzhi.evaluate.pairwise_votes import file_columns, is_pairwise_file, read_pairwise_file
+from fangzhi.evaluate.pairwise_votes import file_columns, group_codes, is_pairwise_file, read_pairwise_file
 
 HEADER = "rater,prompt,seed,dimension,left,right,choice"
 
@@ -307,6 +307,16 @@ def test_parquet_rows_missing_columns_detection_and_reference_arm(tmp_path):
         read_pairwise_file(tmp_path / "short.csv")
     with pytest.raises(FangzhiError, match=r"reference arm 'base' is not among the arms in the votes \(a, b\)"):
         analyze_pairwise(votes.replace({"base": "a", "lora": "b"}), None, n_boot=100)
+
+
+def test_group_codes_match_pandas_groups_beyond_the_int64_radix():
+    # Four columns of 2^16 distinct values: their mixed-radix key would need 64 bits, so it is re-compacted.
+    rng = np.random.default_rng(0)
+    columns = [rng.permutation(2**16) for _ in range(4)]
+    columns = [np.concatenate([c, c[:100]]) for c in columns]  # the first 100 combinations again
+    codes = group_codes(*columns)
+    expected = pd.DataFrame(dict(enumerate(columns))).groupby(list(range(4)), sort=False).ngroup().to_numpy()
+    assert (codes == expected).all() and codes.max() == 2**16 - 1
 
 
 # --- Outputs ------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def bootstrap_elo(unit_scores: sparse.csr_matrix, k: int, n_boot: int, rng: np.r
     """Elo of every arm per resample and dimension, (n_boot, dimensions, k), resampling units with replacement.
 
     Each resample's unit counts come from `rng.integers` + `bincount` (an ordinary bootstrap), in chunks of
-    resamples so that resamples × units stays bounded; one sparse product gives all their win matrices.
+    resamples so that resamples × units stays bounded; one matrix product gives all their win matrices.
     """
     n_units = unit_scores.shape[0]
     # A dense product (BLAS) is many times faster than a sparse one while the matrix is small.
@@ -265,10 +265,10 @@ def pair_table(counts: np.ndarray, arms: list[str]) -> pd.DataFrame:
     for d, dim in enumerate(DIMENSION_KEYS):
         for i in range(k):
             for j in range(i + 1, k):
-                wins, ties, losses = (int(c) for c in counts[d, i, j])
-                if wins + ties + losses:
-                    rows.append({"dimension": dim, "arm": arms[j], "versus": arms[i], "wins": losses, "ties": ties, "losses": wins})
-    # Reported from the later arm's side: against the reference arm, that is the other arm's wins.
+                low_wins, ties, high_wins = (int(c) for c in counts[d, i, j])
+                if low_wins + ties + high_wins:
+                    # From the later arm's side, so that against the reference arm the other arm's wins are shown.
+                    rows.append({"dimension": dim, "arm": arms[j], "versus": arms[i], "wins": high_wins, "ties": ties, "losses": low_wins})
     table = pd.DataFrame(rows, columns=["dimension", "arm", "versus", "wins", "ties", "losses"])
     n = table["wins"] + table["ties"] + table["losses"]
     table["n"] = n
@@ -469,7 +469,7 @@ def analyze_votes(
 
 
 def analyze_pairwise(
-    source: str | Path | pd.DataFrame,
+    path_or_frame: str | Path | pd.DataFrame,
     out_dir: str | Path | None,
     reference_arm: str | None = None,
     n_boot: int = 2000,
@@ -484,13 +484,13 @@ def analyze_pairwise(
     """
     if n_boot < 100:
         raise FangzhiError(f"bootstrap resamples must be at least 100, not {n_boot}")
-    if isinstance(source, pd.DataFrame):
-        positions = [f"row {i}" for i in range(1, len(source) + 1)]
-        votes, bad = validate_pairwise_votes(source, source="pairwise votes table", positions=positions, drop_bad_rows=drop_bad_rows)
+    if isinstance(path_or_frame, pd.DataFrame):
+        positions = [f"row {i}" for i in range(1, len(path_or_frame) + 1)]
+        votes, bad = validate_pairwise_votes(path_or_frame, source="pairwise votes table", positions=positions, drop_bad_rows=drop_bad_rows)
         label = "pairwise votes table (in memory)"
     else:
-        votes, bad = read_pairwise_file(source, drop_bad_rows=drop_bad_rows)
-        label = str(source)
+        votes, bad = read_pairwise_file(path_or_frame, drop_bad_rows=drop_bad_rows)
+        label = str(path_or_frame)
     result = analyze_votes(votes, label, reference_arm, n_boot, seed, title_note=title_note, bad_rows=bad)
     if out_dir is not None:
         write_pairwise(result, Path(out_dir))
