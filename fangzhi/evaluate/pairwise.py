@@ -50,10 +50,13 @@ BOOTSTRAP_CELLS_PER_CHUNK = 4_000_000  # resamples × units drawn at a time (bou
 DENSE_CELLS = 20_000_000  # units × matrix cells up to which the per-unit score matrix is used dense
 DIMENSION_NAMES = {d.key: d.name_en for d in DIMENSIONS}
 TABLE_COLUMNS = ["dimension", "arm", "elo", "elo_ci_low", "elo_ci_high", "win_rate_vs_reference", "n_comparisons"]
-METHOD_NOTE = (
+ELO_NOTE = (
     "Bradley–Terry strengths by maximum likelihood (a tie counts as half a win for each side), on the Elo scale "
     "(400·log10 of the odds of winning) with the reference arm fixed at 1000; 95% CI: percentile bootstrap over "
-    "prompt × seed units. Win rate: (wins + ties/2)/n with a Wilson 95% CI. Sign test: exact two-sided binomial "
+    "prompt × seed units."
+)
+METHOD_NOTE = ELO_NOTE + (
+    " Win rate: (wins + ties/2)/n with a Wilson 95% CI. Sign test: exact two-sided binomial "
     "test (p = 1/2) on the untied votes, Holm-corrected across the four dimensions for each arm pair. Agreement: "
     "Krippendorff's alpha (nominal) over raters on each comparison's outcome (which arm won, or a tie); consistency: "
     "the share of swapped-side repeats in which the rater preferred the same arm (or called a tie both times)."
@@ -501,7 +504,8 @@ def write_pairwise(result: PairwiseResult, out: Path) -> None:
     """pairwise_table.csv/.md/.tex, pairwise_pairs.csv, pairwise_agreement.csv, the plot, JSON and an HTML report."""
     out.mkdir(parents=True, exist_ok=True)
     display = display_table(result.strengths, result.arms)
-    note = METHOD_NOTE + f" n = {result.counts['n_main_votes']} votes, {result.counts['n_units']} prompt × seed units, {result.counts['n_raters']} raters."
+    c = result.counts
+    note = f"{ELO_NOTE} {c['bootstrap_resamples']} resamples; n = {c['n_main_votes']} votes, {c['n_units']} prompt × seed units, {c['n_raters']} raters."
     result.strengths.to_csv(out / "pairwise_table.csv", index=False)
     (out / "pairwise_table.md").write_text(to_markdown(display, result.table_title, note), encoding="utf-8")
     (out / "pairwise_table.tex").write_text(to_latex(display, result.table_title, note), encoding="utf-8")
@@ -523,7 +527,6 @@ def write_pairwise(result: PairwiseResult, out: Path) -> None:
             "bad_rows": [{"where": w, "reason": r} for w, r in result.bad_rows.problems],
         },
     )
-    c = result.counts
     facts = [
         f"Source: {c['source']}",
         f"Rests on {c['n_raters']} raters, {c['n_main_votes']} votes on {c['n_units']} prompt × seed units ({c['n_prompts']} prompts; arms: {', '.join(result.arms)}).",
