@@ -280,6 +280,9 @@ def test_seeds_are_exact_64_bit_integers_and_kind_duplicates_ignore_sides(tmp_pa
     path = write_votes(tmp_path / "votes.csv", [f"r1,p1,{big},style,base,lora,left", "r1,p1,-9223372036854775808,style,base,lora,tie"])
     votes, _ = read_pairwise_file(path)
     assert votes["seed"].tolist() == [big, -(2**63)]
+    # A spreadsheet's byte-order mark does not hide the first column.
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert is_pairwise_file(file_columns(path)) and len(read_pairwise_file(path)[0]) == 2
     kinded = write_votes(
         tmp_path / "kinded.csv",
         ["r1,p1,0,style,base,lora,left,main", "r1,p1,0,style,lora,base,left,main", "r1,p1,0,style,lora,base,right,retest", "r1,p1,0,style,base,lora,left,checking"],

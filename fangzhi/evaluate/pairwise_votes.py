@@ -50,7 +50,7 @@ def file_columns(path: str | Path) -> list[str]:
             import pyarrow.parquet as pq
 
             return list(pq.read_schema(path).names)
-        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        return [str(c) for c in pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns]
     except pd.errors.EmptyDataError:
         return []
     except Exception as exc:  # pyarrow and the CSV parser raise several unrelated types for a corrupt file
@@ -72,7 +72,7 @@ def read_pairwise_file(path: str | Path, drop_bad_rows: bool = False) -> tuple[p
         try:
             # Every column as text: seeds stay exact, and a rater called "NA" stays a rater. Blank lines
             # are kept as all-missing rows so that row i is always line i + 2 of the file.
-            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False)
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding="utf-8-sig")
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise FangzhiError(f"{path}: not a readable CSV file: {exc}") from None
         except pd.errors.EmptyDataError:
