@@ -130,7 +130,8 @@ def validate_pairwise_votes(
     for column, allowed in (("dimension", DIMENSION_KEYS), ("choice", CHOICES), ("kind", KINDS)):
         if column in coded:
             codes, names = coded[column]
-            flag(~np.isin(names, allowed)[codes], _describer(column, raw[column], f"must be one of {', '.join(allowed)}"))
+            known = np.isin(names, allowed)[codes] & (codes >= 0)
+            flag(~known, _describer(column, raw[column], f"must be one of {', '.join(allowed)}"))
     same_arm = coded["left"][0] == coded["right"][0]
     flag(same_arm, lambda rows: [f"left and right are both arm {arm!r}; a comparison needs two different arms" for arm in arm_names[arm_codes[rows]]])
     _flag_duplicates(coded, seeds, ~is_bad, positions, flag)
