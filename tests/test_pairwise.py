@@ -286,10 +286,10 @@ def test_seeds_are_exact_64_bit_integers_and_kind_duplicates_ignore_sides(tmp_pa
     kinded = write_votes(
         tmp_path / "kinded.csv",
         [
+            "r1,p1,0,style,base,lora,left,checking",
             "r1,p1,0,style,base,lora,left,main",
             "r1,p1,0,style,lora,base,left,main",
             "r1,p1,0,style,lora,base,right,retest",
-            "r1,p1,0,style,base,lora,left,checking",
             "r1,p1,0,match,base,lora,left,",
         ],
         header=HEADER + ",kind",
@@ -297,9 +297,9 @@ def test_seeds_are_exact_64_bit_integers_and_kind_duplicates_ignore_sides(tmp_pa
     with pytest.raises(FangzhiError) as error:
         read_pairwise_file(kinded)
     message = str(error.value)
-    assert "line 2: duplicate vote: rater r1, prompt p1, seed 0, style, arms base and lora (first at line 2)" in message
-    assert "line 3: duplicate vote" in message and "line 4" not in message
-    assert "line 5: kind is 'checking'; must be one of main, retest, attention" in message
+    assert "line 2: kind is 'checking'; must be one of main, retest, attention" in message
+    assert "line 3: duplicate vote: rater r1, prompt p1, seed 0, style, arms base and lora (first at line 3)" in message
+    assert "line 4: duplicate vote" in message and "line 5" not in message
     assert "line 6: kind is empty; must be one of main, retest, attention" in message
 
 
