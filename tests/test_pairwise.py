@@ -214,10 +214,14 @@ def test_consistency_of_swapped_repeats_and_nominal_alpha_on_constructed_votes()
     # With a kind column the retest rows are the repeats (and may keep the sides), attention rows are left out.
     kinded = votes.assign(kind=["main"] * 8 + ["retest"] * 4)
     kinded.loc[11, ["left", "right", "choice"]] = ["base", "lora", "left"]  # same sides, same answer: consistent
-    kinded = pd.concat([kinded, pd.DataFrame([("r1", "p9", 0, "style", "base", "lora", "left", "attention")], columns=kinded.columns)])
+    # An attention item shows a blank image the study made: not an arm of the analysis.
+    kinded = pd.concat([kinded, pd.DataFrame([("r1", "p9", 0, "style", "blank", "lora", "right", "attention")], columns=kinded.columns)])
     again = analyze_pairwise(kinded, None, n_boot=100)
     assert again.agreement.set_index("dimension").loc["style", "n_consistent"] == 3
     assert again.counts["n_left_out"] == 1 and again.counts["n_main_votes"] == 8
+    assert again.arms == ["base", "lora"]
+    assert again.strengths.set_index("dimension").loc["style", "elo"].notna().all()
+    assert "match: no votes" in again.notes
 
 
 def test_perfect_agreement_gives_alpha_one():

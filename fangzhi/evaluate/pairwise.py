@@ -87,23 +87,13 @@ def encode_votes(votes: pd.DataFrame, reference_arm: str) -> EncodedVotes:
     comparison, and `attention` votes are left out. Without it, the first vote of a rater on a comparison
     (prompt, seed, dimension, arm pair) counts and a later vote with the sides swapped is its repeat.
     """
-    arms = list(votes["left"].cat.categories)
-    if reference_arm not in arms:
-        raise FangzhiError(f"reference arm {reference_arm!r} is not among the arms in the votes ({', '.join(arms)}); name one with --reference-arm")
-    order = [reference_arm] + [a for a in arms if a != reference_arm]
-    recode = np.array([order.index(a) for a in arms])
-    left = recode[votes["left"].cat.codes.to_numpy()]
-    right = recode[votes["right"].cat.codes.to_numpy()]
-    choice = votes["choice"].cat.codes.to_numpy().astype(np.int64)
-    low, high = np.minimum(left, right), np.maximum(left, right)
-    left_is_low = left < right
-    winner_is_low = np.where(choice == CHOICES.index("left"), left_is_low, ~left_is_low)
-    outcome = np.where(choice == CHOICES.index("tie"), TIE, np.where(winner_is_low, LOW_WINS, HIGH_WINS))
+    left_code = votes["left"].cat.codes.to_numpy().astype(np.int64)
+    right_code = votes["right"].cat.codes.to_numpy().astype(np.int64)
     unit = group_codes(votes["prompt"].cat.codes.to_numpy(), votes["seed"].to_numpy())
     rater = votes["rater"].cat.codes.to_numpy().astype(np.int64)
     dimension = votes["dimension"].cat.codes.to_numpy().astype(np.int64)
 
-    comparison = group_codes(rater, unit, dimension, low, high)
+    comparison = group_codes(rater, unit, dimension, np.minimum(left_code, right_code), np.maximum(left_code, right_code))
     first_row = np.unique(comparison, return_index=True)[1]  # codes are dense, so this maps code -> its first row
     n = len(votes)
     repeat_of = np.full(n, -1, dtype=np.int64)
@@ -118,8 +108,27 @@ def encode_votes(votes: pd.DataFrame, reference_arm: str) -> EncodedVotes:
         is_main = np.zeros(n, dtype=bool)
         is_main[first_row] = True
         repeat_of[~is_main] = first_row[comparison[~is_main]]
+
+    # The arms are those of the counted votes (an arm seen only on attention items is no arm of the study),
+    # numbered with the reference arm first.
+    categories = np.array(votes["left"].cat.categories, dtype=object)
+    used = np.unique(np.concatenate([left_code[is_main], right_code[is_main]]))
+    if reference_arm not in categories[used]:
+        raise FangzhiError(
+            f"reference arm {reference_arm!r} is not among the arms in the votes ({', '.join(categories[used])}); name one with --reference-arm"
+        )
+    reference_code = int(np.flatnonzero(categories == reference_arm)[0])
+    order = [reference_code] + [int(a) for a in used if a != reference_code]
+    renumber = np.full(len(categories), -1, dtype=np.int64)  # -1: an arm of uncounted votes only
+    renumber[order] = np.arange(len(order))
+    left, right = renumber[left_code], renumber[right_code]
+    choice = votes["choice"].cat.codes.to_numpy().astype(np.int64)
+    left_is_low = left < right
+    winner_is_low = np.where(choice == CHOICES.index("left"), left_is_low, ~left_is_low)
+    outcome = np.where(choice == CHOICES.index("tie"), TIE, np.where(winner_is_low, LOW_WINS, HIGH_WINS))
+    low, high = np.minimum(left, right), np.maximum(left, right)
     return EncodedVotes(
-        arms=order,
+        arms=list(categories[order]),
         dimension=dimension,
         low=low,
         high=high,
@@ -426,7 +435,9 @@ def analyze_votes(
 
     notes = []
     for d, dim in enumerate(DIMENSION_KEYS):
-        if np.isnan(elo[d]).any():
+        if not counts[d].any():
+            notes.append(f"{dim}: no votes")
+        elif np.isnan(elo[d]).any():
             notes.append(
                 f"{dim}: no Bradley–Terry estimate: some group of arms never lost (or was never compared) against the others, so its strength is unbounded"
             )
