@@ -42,6 +42,7 @@ from fangzhi.evaluate.stats import holm
 from fangzhi.evaluate.table import to_latex, to_markdown
 
 DEFAULT_REFERENCE_ARM = "base"
+CI_LEVEL = 0.95
 ELO_ANCHOR = 1000.0
 ELO_PER_LOGIT = 400.0 / np.log(10.0)  # Elo points per unit of natural log-odds
 # Outcome codes relative to the pair's arm order (lower arm code first), so the side shown does not matter.
@@ -218,7 +219,7 @@ def to_elo(theta: np.ndarray) -> np.ndarray:
     return ELO_ANCHOR + ELO_PER_LOGIT * theta
 
 
-def wilson_interval(successes: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def wilson_interval(successes: np.ndarray, n: np.ndarray, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of successes/n (successes may be fractional: ties count half); NaN where n = 0."""
     successes, n = np.asarray(successes, dtype=float), np.asarray(n, dtype=float)
     z = sps.norm.ppf(0.5 + level / 2)
@@ -323,29 +324,28 @@ def agreement_table(encoded: EncodedVotes) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, per_rater.astype({"n_consistent": int})
 
 
-def strength_table(elo: np.ndarray, boot: np.ndarray, pairs: pd.DataFrame, counts: np.ndarray, arms: list[str], level: float) -> pd.DataFrame:
+def strength_table(elo: np.ndarray, boot: np.ndarray, pairs: pd.DataFrame, counts: np.ndarray, arms: list[str]) -> pd.DataFrame:
     """`pairwise_table.csv`: per dimension and arm the Elo, its bootstrap CI, the win rate against the reference, n."""
-    tail = (1 - level) / 2 * 100
+    tail = (1 - CI_LEVEL) / 2 * 100
     rows = []
-    with np.errstate(all="ignore"):
-        valid = ~np.isnan(boot[:, :, 0])
-        for d, dim in enumerate(DIMENSION_KEYS):
-            sample = boot[valid[:, d], d]
-            low, high = (np.percentile(sample, [tail, 100 - tail], axis=0) if len(sample) else np.full((2, len(arms)), np.nan))
-            involved = counts[d].sum(axis=2)
-            for a, arm in enumerate(arms):
-                direct = pairs.loc[(pairs["dimension"] == dim) & (pairs["arm"] == arm) & (pairs["versus"] == arms[0]), "win_rate"]
-                rows.append(
-                    {
-                        "dimension": dim,
-                        "arm": arm,
-                        "elo": elo[d, a],
-                        "elo_ci_low": low[a],
-                        "elo_ci_high": high[a],
-                        "win_rate_vs_reference": float(direct.iloc[0]) if len(direct) else np.nan,
-                        "n_comparisons": int(involved[a, :].sum() + involved[:, a].sum()),
-                    }
-                )
+    valid = ~np.isnan(boot[:, :, 0])  # resamples with a finite estimate (all arms are NaN otherwise)
+    for d, dim in enumerate(DIMENSION_KEYS):
+        sample = boot[valid[:, d], d]
+        low, high = np.percentile(sample, [tail, 100 - tail], axis=0) if len(sample) else np.full((2, len(arms)), np.nan)
+        involved = counts[d].sum(axis=2)
+        for a, arm in enumerate(arms):
+            direct = pairs.loc[(pairs["dimension"] == dim) & (pairs["arm"] == arm) & (pairs["versus"] == arms[0]), "win_rate"]
+            rows.append(
+                {
+                    "dimension": dim,
+                    "arm": arm,
+                    "elo": elo[d, a],
+                    "elo_ci_low": low[a],
+                    "elo_ci_high": high[a],
+                    "win_rate_vs_reference": float(direct.iloc[0]) if len(direct) else np.nan,
+                    "n_comparisons": int(involved[a, :].sum() + involved[:, a].sum()),
+                }
+            )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -416,7 +416,6 @@ def analyze_votes(
     reference_arm: str | None = None,
     n_boot: int = 2000,
     seed: int = 0,
-    level: float = 0.95,
     title_note: str | None = None,
     bad_rows: BadRows | None = None,
 ) -> PairwiseResult:
@@ -430,7 +429,7 @@ def analyze_votes(
     totals = np.asarray(unit_scores.sum(axis=0)).reshape(len(DIMENSION_KEYS), k, k)
     elo = to_elo(bradley_terry(totals))
     boot = bootstrap_elo(unit_scores, k, n_boot, np.random.default_rng(seed))
-    strengths = strength_table(elo, boot, pairs, counts, arms, level)
+    strengths = strength_table(elo, boot, pairs, counts, arms)
     agreement, per_rater = agreement_table(encoded)
 
     notes = []
