@@ -100,7 +100,11 @@ class StudyServer:
         self._snapshot_of: tuple | None = None
         self._runs_ended = threading.Event()
         self._closing = threading.Event()
-        self._write_snapshot_if_changed()  # readers have a snapshot from the first moment the file is held
+        try:
+            self._write_snapshot_if_changed()  # readers have a snapshot from the first moment the file is held
+        except BaseException:
+            self._con.close()  # let go of the file: a server that cannot start must not block others
+            raise
         self._thread = threading.Thread(target=self._keep_snapshot, daemon=True, name="study-snapshot")
         self._thread.start()
         atexit.register(self.close)
@@ -311,7 +315,7 @@ def add_ratings(db: Database, rows: Iterable[Mapping[str, Any]]) -> int:
         saved = 0
         for row in rows:
             if row["rater"] not in rater_ids:
-                raise FangzhiError(f"{db}: no rater named {row['rater']!r}")
+                raise FangzhiError(f"no rater named {row['rater']!r} in this study")
             scores = {key: int(row[key]) for key in DIMENSION_KEYS}
             save_item(con, rater_ids[row["rater"]], int(row["position"]), scores, row.get("comment", ""), row.get("seconds", 0.0))
             saved += 1
@@ -360,7 +364,7 @@ def revoke_rater(db: Database, name: str) -> None:
     def work(con: duckdb.DuckDBPyConnection) -> None:
         found = con.execute("SELECT rater_id FROM raters ANTI JOIN revocations USING (rater_id) WHERE name = ?", [name]).fetchone()
         if found is None:
-            raise FangzhiError(f"{db}: no active rater named {name!r}")
+            raise FangzhiError(f"no active rater named {name!r} in this study")
         con.execute("INSERT INTO revocations (rater_id) VALUES (?)", found)
 
     _transaction(db, work)
