@@ -220,7 +220,7 @@ def test_export_and_analyze_while_the_app_serves_see_every_save_older_than_five_
     pd.testing.assert_frame_equal(direct.ratings(), snapshot.ratings())
 
 
-def test_reading_when_the_file_is_held_and_no_snapshot_exists_says_so(tmp_path, manifest):
+def test_a_file_held_elsewhere_gets_clear_messages_and_the_app_starts_once_it_is_free(tmp_path, manifest, monkeypatch):
     db = tmp_path / "held.duckdb"
     study.create_study(manifest, db, ["ann"], qc_retest=0, qc_attention=0)
     holder = subprocess.Popen(
@@ -233,9 +233,15 @@ def test_reading_when_the_file_is_held_and_no_snapshot_exists_says_so(tmp_path, 
             studydb.read_study(db)
         with pytest.raises(FangzhiError, match="cannot open the study for writing"):
             store.StudyServer(db)
+        monkeypatch.setenv(DB_ENV, str(db))
+        at = AppTest.from_file(str(APP), default_timeout=30).run()
+        assert not at.exception and "cannot be opened right now" in at.error[0].value
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+    at.run()  # the next page load, once the other program has let go
+    assert not at.exception and not at.error and at.button[0].label == "进入"
+    st.cache_resource.clear()
 
 
 # ---- crashes --------------------------------------------------------------------------------
@@ -369,7 +375,7 @@ def test_revoked_raters_and_failed_attention_checks_leave_the_analysis_as_asked(
     per_rater = len(store.list_assignments(db).query("rater == 'ann'"))
 
     def counts(name: str, **options) -> tuple[dict, str]:
-        out = analyze(AnalyzeConfig(db=db, out=tmp_path / name, bootstrap=200, **options))
+        out = analyze(AnalyzeConfig(db=db, out=tmp_path / name, bootstrap=100, **options))
         return json.loads((out / "results.json").read_text(encoding="utf-8"))["counts"], (out / "report.html").read_text(encoding="utf-8")
 
     default, html = counts("default")

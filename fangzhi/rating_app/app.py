@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import io
 import os
+import sys
 import time
 
 import streamlit as st
@@ -264,8 +265,9 @@ def main() -> None:
         return
     try:
         server = study_server(db)
-    except FangzhiError as exc:  # e.g. another program holds the file: a reload tries again
-        st.error(str(exc))
+    except FangzhiError as exc:  # e.g. another program holds the file; the next page load tries again
+        print(f"fangzhi rate: {exc}", file=sys.stderr, flush=True)  # the details (server paths) stay in the server's log
+        st.error("The rating study cannot be opened right now; please try again in a minute. · 评分系统暂时无法打开，请稍后再试。")
         return
     with server.cursor() as con:
         settings = store.study_settings(con)
