@@ -53,14 +53,21 @@ def _using(db: Database) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 # DuckDB checks write conflicts optimistically: two transactions that both insert the first scores of
-# one item collide (a constraint error, or a failed COMMIT). All writers are threads of this one
-# process, and a write takes about a millisecond, so they simply take turns.
-_one_write_at_a_time = threading.Lock()
+# one item collide (a constraint error, or a failed COMMIT). Writes that could touch the same rows
+# (one rater's saves: a double click, two tabs; the admin's writes) take turns; different raters'
+# saves never share a row and run side by side.
+_turns: dict[object, threading.Lock] = {}
+_turns_guard = threading.Lock()
 
 
-def _transaction(db: Database, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-    """Run `work` in one transaction, after any other write of this process has finished."""
-    with _using(db) as con, _one_write_at_a_time:
+def _turn(key: object) -> threading.Lock:
+    with _turns_guard:
+        return _turns.setdefault(key, threading.Lock())
+
+
+def _transaction(db: Database, work: Callable[[duckdb.DuckDBPyConnection], T], turn: object = "admin") -> T:
+    """Run `work` in one transaction, after any other write of this process with the same `turn` has finished."""
+    with _using(db) as con, _turn(turn):
         con.execute("BEGIN TRANSACTION")
         try:
             result = work(con)
@@ -290,7 +297,7 @@ def save_item(db: Database, rater_id: int, position: int, scores: Mapping[str, i
             [rater_id, position, comment, max(0.0, float(seconds)), now, now],
         )
 
-    _transaction(db, work)
+    _transaction(db, work, turn=("rater", rater_id))
 
 
 def list_assignments(db: Database) -> pd.DataFrame:
