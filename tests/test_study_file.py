@@ -218,6 +218,7 @@ def test_export_and_analyze_while_the_app_serves_see_every_save_older_than_five_
     direct = studydb.read_study(db)
     assert not direct.from_snapshot and direct.source == str(db)
     pd.testing.assert_frame_equal(direct.ratings(), snapshot.ratings())
+    assert direct.settings == snapshot.settings and direct.settings["qc_retest"] == 0
 
 
 def test_a_file_held_elsewhere_gets_clear_messages_and_the_app_starts_once_it_is_free(tmp_path, manifest, monkeypatch):

@@ -54,9 +54,10 @@ def study_rows(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     return con.execute(STUDY_ROWS_SQL).df()
 
 
-def study_settings(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+def settings_row(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """The `study` row as JSON-ready values (timestamps as ISO text)."""
     row = con.execute(STUDY_SETTINGS_SQL).fetchone()
-    settings = dict(zip(["manifest", "default_lang", "seed", "qc_retest", "qc_attention", "created_at", "unblinded_at"], row))
+    settings = dict(zip([column for column, *_ in con.description], row))
     return {key: value.isoformat() if isinstance(value, datetime) else value for key, value in settings.items()}
 
 
@@ -96,7 +97,7 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> int:
             "schema_version": stored_version(con, db_path),
             "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "saves": saves,
-            "study": study_settings(con),
+            "study": settings_row(con),
         }
         literal = json.dumps(metadata, ensure_ascii=False).replace("'", "''")
         con.execute(f"COPY ({STUDY_ROWS_SQL}) TO '{_sql_path(temporary)}' (FORMAT parquet, KV_METADATA {{{SNAPSHOT_METADATA_KEY}: '{literal}'}})")
@@ -122,9 +123,8 @@ class StudyRead:
     from_snapshot: bool
     saves: int
 
-    def ratings(self, include_revoked: bool = True) -> pd.DataFrame:
-        ratings = ratings_from_rows(self.rows)
-        return ratings if include_revoked else ratings.loc[~ratings["revoked"]].reset_index(drop=True)
+    def ratings(self) -> pd.DataFrame:
+        return ratings_from_rows(self.rows)
 
 
 def read_study(db_path: str | Path) -> StudyRead:
@@ -137,7 +137,7 @@ def read_study(db_path: str | Path) -> StudyRead:
         return _read_snapshot(db_path, reason=str(exc))
     with con:
         stored_version(con, db_path)
-        return StudyRead(study_rows(con), study_settings(con), str(db_path), False, con.execute(SAVES_SQL).fetchone()[0])
+        return StudyRead(study_rows(con), settings_row(con), str(db_path), False, con.execute(SAVES_SQL).fetchone()[0])
 
 
 def _read_snapshot(db_path: Path, reason: str) -> StudyRead:
