@@ -1,4 +1,4 @@
-"""Rating study: creation, DuckDB store under concurrency and crashes, and the Streamlit app via AppTest."""
+"""Rating study: creation, the DuckDB store under concurrency, and the Streamlit app via AppTest (crashes, live reads: test_study_file.py)."""
 
 from __future__ import annotations
 
