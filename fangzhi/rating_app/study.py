@@ -15,9 +15,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from fangzhi import studydb
 from fangzhi.errors import FangzhiError
 from fangzhi.generate.manifest import read_manifest as read_generation_manifest
-from fangzhi import studydb
 from fangzhi.rating_app import store
 from fangzhi.rating_app.i18n import LANGUAGES
 
