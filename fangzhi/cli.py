@@ -107,7 +107,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         args.config,
         {
             "db": args.db, "ratings": args.ratings, "out": args.out, "sd_over": args.sd_over,
-            "drop_bad_rows": args.drop_bad_rows or None, "clip": args.clip, "baseline_arm": args.baseline_arm,
+            "drop_bad_rows": args.drop_bad_rows or None, "include_revoked": args.include_revoked or None,
+            "exclude_failed_attention": args.exclude_failed_attention, "clip": args.clip, "baseline_arm": args.baseline_arm,
             "bootstrap": args.bootstrap, "seed": args.seed, "title_note": args.title_note,
         },
     )
@@ -133,6 +134,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder, e.g. results/NAME (required for the analysis; optional for power)")
     p.add_argument("--sd-over", choices=["images", "ratings", "raters"], help="unit of the table's SD (default images: each image's score is its raters' mean)")
     p.add_argument("--drop-bad-rows", action="store_true", help="analyse without bad rows instead of stopping (they are still listed)")
+    p.add_argument("--include-revoked", action="store_true", help="with --db: keep the ratings of raters whose access was revoked (left out by default)")
+    p.add_argument("--exclude-failed-attention", type=int, metavar="N", help="leave out raters with N or more failed attention checks (default: keep everyone)")
     p.add_argument("--clip", help="clip_scores.csv from the CLIP scorer, for CLIP vs human correlations and scatter")
     p.add_argument("--baseline-arm", help="arm the others are compared against (default base)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% CI of the mean difference (default 10000)")
@@ -312,10 +315,10 @@ def _cmd_study_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_export(args: argparse.Namespace) -> int:
-    from fangzhi.rating_app.store import export_ratings
+    from fangzhi.studydb import export_ratings
 
-    rows = export_ratings(args.db, args.out)
-    print(f"wrote {rows} ratings to {args.out}")
+    rows, study = export_ratings(args.db, args.out)
+    print(f"wrote {rows} ratings to {args.out}, read from {study.source}")
     return 0
 
 

@@ -277,6 +277,7 @@ def study_frame():
     frame = simulate_ratings(3, 6, 1, effect=0.8, seed=7).assign(kind="main", expected=np.nan)
     retest = frame.iloc[[0]].assign(kind="retest")
     attention = frame.iloc[[0, 1]].assign(kind="attention", prompt="attention", expected=[frame["style"].iloc[0], 6])
+    attention.loc[attention.index[0], ["style", "match", "detail", "beauty"]] = frame["style"].iloc[0]  # all four as asked: passed
     study = pd.concat([frame, retest, attention], ignore_index=True)
     # As the rating app's store returns it: nullable integer `expected`, an opaque image id.
     return study.astype({"expected": "Int64"}).assign(image_id=[f"{i:016x}" for i in range(len(study))])
@@ -327,10 +328,10 @@ def test_analyze_reads_a_rating_study_db(tmp_path):
     rows = []
     for item in items.itertuples():
         scores = {d: int(rng.integers(1, 6)) for d in ("style", "match", "detail", "beauty")}
-        if item.kind == "attention" and item.rater != "ann":  # ann fails her attention check
-            scores["style"] = int(item.expected)
-        elif item.kind == "attention":
-            scores["style"] = int(item.expected) % 5 + 1
+        if item.kind == "attention":  # all four as asked, except that ann gets one wrong: she fails
+            scores = dict.fromkeys(scores, int(item.expected))
+            if item.rater == "ann":
+                scores["beauty"] = int(item.expected) % 5 + 1
         rows.append({"rater": item.rater, "position": item.position, **scores})
     store.add_ratings(db, rows)
 

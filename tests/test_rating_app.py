@@ -1,24 +1,20 @@
-"""Rating study: creation, DuckDB store under concurrency and crashes, and the Streamlit app via AppTest."""
+"""Rating study: creation, the DuckDB store under concurrency, and the Streamlit app via AppTest (crashes, live reads: test_study_file.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
-import time
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 import pytest
+import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from fangzhi import studydb
 from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
@@ -47,12 +43,12 @@ def db_and_links(tmp_path, manifest, references):
 
 
 def rater_id(db: Path, name: str) -> int:
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         return con.execute("SELECT rater_id FROM raters WHERE name = ?", [name]).fetchone()[0]
 
 
 def count(db: Path, table: str) -> int:
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
@@ -84,7 +80,7 @@ def test_every_rater_gets_every_image_once_plus_qc_and_no_pair_back_to_back(db_a
     for _name, token, link in links:
         assert link.endswith(f"/?token={token}")
         assert token.encode() not in raw
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         hashes = {h for (h,) in con.execute("SELECT token_sha256 FROM raters").fetchall()}
     assert hashes == {store.hash_token(token) for _, token, _ in links}
 
@@ -126,7 +122,7 @@ def test_bad_inputs_name_the_problem(tmp_path, manifest):
 def test_schema_constraints_hold_in_the_database(db_and_links):
     db, _ = db_and_links
     alice = rater_id(db, "alice")
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         with pytest.raises(duckdb.ConstraintException):
             con.execute("INSERT INTO scores VALUES (?, 0, 'style', 6, current_timestamp)", [alice])
         with pytest.raises(duckdb.ConstraintException):
@@ -145,7 +141,7 @@ def test_revision_updates_the_row_and_keeps_the_audit_log(db_and_links):
     alice = rater_id(db, "alice")
     store.save_item(db, alice, 0, {"style": 2, "match": 3, "detail": 4, "beauty": 5}, "first", seconds=10)
     store.save_item(db, alice, 0, {"style": 2, "match": 1, "detail": 4, "beauty": 5}, "second", seconds=4)
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 4
         audit = con.execute("SELECT dimension, old_score, new_score FROM score_audit ORDER BY audit_id").fetchall()
         note = con.execute("SELECT comment, seconds_spent, saves FROM item_notes").fetchall()
@@ -168,10 +164,10 @@ def test_read_ratings_and_qc_results(db_and_links):
     ]
     assert store.add_ratings(db, rows) == 4
     # An item with only some dimensions scored is not a rating yet.
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         con.execute("INSERT INTO scores VALUES (?, 1, 'style', 3, current_timestamp)", [rater_id(db, "bob")])
-    ratings = store.read_ratings(db)
-    assert list(ratings.columns) == ["rater", "arm", "prompt", "seed", "image_id", "kind", "style", "match", "detail", "beauty", "expected"]
+    ratings = studydb.read_study(db).ratings()
+    assert list(ratings.columns) == ["rater", "arm", "prompt", "seed", "image_id", "kind", "style", "match", "detail", "beauty", "expected", "revoked"]
     assert len(ratings) == 4
     assert set(ratings["arm"]) <= {"base", "lora"}
     retest_row = ratings[ratings["kind"] == "retest"].iloc[0]
@@ -259,76 +255,9 @@ def test_twenty_concurrent_raters_lose_and_duplicate_nothing(tmp_path, manifest)
     assert count(db, "scores") == 20 * items * 4
     assert count(db, "item_notes") == 20 * items
     assert count(db, "score_audit") == 20 * items * 4 + 20 * 4  # first saves, plus the revision of all four
-    ratings = store.read_ratings(db)
+    ratings = studydb.read_study(db).ratings()
     assert len(ratings) == 20 * items
     assert not ratings.duplicated(["rater", "image_id", "kind"]).any()
-
-
-WRITER = textwrap.dedent(
-    """
-    import sys, threading
-    from fangzhi.rating_app import store
-    db, n_raters, items = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    def rate(rid):
-        for position in range(items):
-            store.save_item(db, rid, position, dict(style=1, match=2, detail=3, beauty=4), seconds=0.5)
-    threads = [threading.Thread(target=rate, args=(rid,)) for rid in range(1, n_raters + 1)]
-    print("started", flush=True)
-    [t.start() for t in threads]; [t.join() for t in threads]
-    print("done", flush=True)
-    """
-)
-
-
-def test_second_process_reads_while_the_writer_process_saves(tmp_path, manifest):
-    """The app's access pattern (short connections, many threads) in one process; analysis in another."""
-    db = tmp_path / "live.duckdb"
-    n_raters = 20
-    study.create_study(manifest, db, [f"r{i}" for i in range(n_raters)], qc_retest=0, qc_attention=0)
-    items = len(manifest.read_text().splitlines())
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(n_raters), str(items)], stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "started"
-    seen, read_seconds = [], []
-    while writer.poll() is None:
-        started = time.monotonic()
-        seen.append(len(store.read_ratings(db)))
-        read_seconds.append(time.monotonic() - started)
-    assert writer.wait() == 0
-    assert len(seen) >= 2, "the reader did not get in while the writer was live"
-    # 20 threads keep the file open nearly all the time; the reader still gets its turn promptly.
-    assert max(read_seconds) < 5.0, read_seconds
-    assert seen == sorted(seen), "a reader saw ratings disappear"
-    assert len(store.read_ratings(db)) == n_raters * items
-
-
-KILLED_WRITER = textwrap.dedent(
-    """
-    import sys
-    from fangzhi.rating_app import store
-    db = sys.argv[1]
-    position = 0
-    while True:
-        store.save_item(db, 1, position % 12, dict(style=1 + position % 5, match=2, detail=3, beauty=4), seconds=0.1)
-        print(position, flush=True)
-        position += 1
-    """
-)
-
-
-def test_killing_the_writer_loses_at_most_the_item_in_flight(tmp_path, manifest):
-    db = tmp_path / "crash.duckdb"
-    study.create_study(manifest, db, ["victim"], qc_retest=0, qc_attention=0)
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db)], stdout=subprocess.PIPE, text=True)
-    acknowledged = -1
-    while acknowledged < 20:
-        acknowledged = int(writer.stdout.readline())
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
-    with store.connect(db) as con:
-        per_item = con.execute("SELECT position, count(*) FROM scores GROUP BY position").fetchall()
-        saves = con.execute("SELECT sum(saves) FROM item_notes").fetchone()[0]
-    assert all(n == 4 for _, n in per_item), "an item was saved in part"
-    assert saves >= acknowledged + 1, "an acknowledged save was lost"
 
 
 # ---- the Streamlit app ----------------------------------------------------------------------
@@ -339,7 +268,8 @@ def app_env(db_and_links, monkeypatch):
     db, links = db_and_links
     monkeypatch.setenv(DB_ENV, str(db))
     monkeypatch.delenv("FANGZHI_ADMIN_PASSWORD", raising=False)
-    return db, {name: token for name, token, _ in links}
+    yield db, {name: token for name, token, _ in links}
+    st.cache_resource.clear()  # closes the app's connection to this study (and writes its last snapshot)
 
 
 def open_app(token: str | None = None) -> AppTest:

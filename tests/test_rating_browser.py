@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fangzhi import studydb
 from fangzhi.dimensions import DIMENSION_KEYS, DIMENSIONS
 from fangzhi.rating_app import sample, serve, store, study
 
@@ -135,18 +136,22 @@ def test_rater_rates_reloads_resumes_and_nothing_leaks(live_app):
         page.get_by_text("第 4 张").wait_for()
         page.locator("img").first.wait_for()
         snapshot(page)
-        # Read everything from this (second) process while the app is serving.
+        # Read everything from this (second) process while the app is serving: from its snapshot.
         assert live_app["server"].poll() is None
-        ratings = store.read_ratings(live_app["db"])
+        time.sleep(2 * store.SNAPSHOT_INTERVAL_SECONDS)
+        read = studydb.read_study(live_app["db"])
+        ratings = read.ratings()
         browser.close()
 
-    assert len(ratings) == 3
-    expected_items = store.list_assignments(live_app["db"]).head(3)
+    assert read.from_snapshot and read.saves == 3 and len(ratings) == 3
+    expected_items = read.rows.head(3)
     assert list(ratings["image_id"]) == list(expected_items["image_id"])
     assert list(ratings["kind"]) == list(expected_items["kind"])
     for (_, row), scores in zip(ratings.iterrows(), chosen):
         assert {key: row[key] for key in DIMENSION_KEYS} == scores
-    with store.connect(live_app["db"]) as con:
+    live_app["server"].terminate()  # the app lets go of the file at shutdown
+    assert live_app["server"].wait(timeout=20) == 0
+    with studydb.connect(live_app["db"]) as con:
         assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 12
         assert con.execute("SELECT count(*), sum(saves) FROM item_notes").fetchone() == (3, 3)
         assert con.execute("SELECT count(*) FROM score_audit").fetchone()[0] == 12

@@ -5,6 +5,8 @@ Everything is computed before anything is written, so bad input never leaves a h
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +17,8 @@ from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
 from fangzhi.evaluate import power as power_mod
 from fangzhi.evaluate import reliability, report, stats, table
-from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, read_study_db, validate_ratings
+from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
+from fangzhi.studydb import attention_failures, raters_failing_attention, read_study
 
 CLIP_COLUMNS = ("clip_score", "style_similarity")
 
@@ -28,6 +31,8 @@ class AnalyzeConfig(StrictModel):
     out: Path
     sd_over: Literal["images", "ratings", "raters"] = "images"
     drop_bad_rows: bool = False
+    include_revoked: bool = False  # with db: keep the ratings of raters whose access was revoked
+    exclude_failed_attention: int | None = Field(None, ge=1)  # drop raters with at least this many failed attention checks
     clip: Path | None = None  # optional clip_scores.csv for the CLIP vs human part
     baseline_arm: str = "base"
     bootstrap: int = Field(10_000, ge=100)
@@ -58,17 +63,70 @@ class PowerConfig(StrictModel):
     out: Path | None = None
 
 
-def load_ratings(config: AnalyzeConfig, frame: pd.DataFrame | None = None) -> tuple[pd.DataFrame, BadRows, str]:
+@dataclass
+class Removed:
+    """Ratings left out of the analysis, and whose."""
+
+    revoked_raters: list[str] = field(default_factory=list)
+    revoked_ratings: int = 0
+    attention_raters: list[str] = field(default_factory=list)
+    attention_ratings: int = 0
+
+
+def load_ratings(config: AnalyzeConfig, frame: pd.DataFrame | None = None) -> tuple[pd.DataFrame, BadRows, str, Removed]:
+    removed = Removed()
     if frame is not None:
         clean, bad = validate_ratings(frame, source="ratings table", positions=[f"row {i}" for i in range(1, len(frame) + 1)], drop_bad_rows=config.drop_bad_rows)
-        return clean, bad, "ratings table (in memory)"
+        return clean, bad, "ratings table (in memory)", removed
     if config.db is not None:
-        clean, bad = read_study_db(config.db, drop_bad_rows=config.drop_bad_rows)
-        return clean, bad, str(config.db)
+        study = read_study(config.db)
+        if study.from_snapshot:
+            warnings.warn(f"{config.db} is open in another process; analysing {study.source}", stacklevel=2)
+        raw = study.ratings()
+        revoked = raw["revoked"].to_numpy()
+        removed.revoked_raters = sorted(str(rater) for rater in raw.loc[revoked, "rater"].unique())
+        if not config.include_revoked:
+            removed.revoked_ratings = int(revoked.sum())
+            raw = raw.loc[~revoked].reset_index(drop=True)
+        positions = [f"rater {r}, image {i} ({k})" for r, i, k in zip(raw["rater"], raw["image_id"], raw["kind"])]
+        clean, bad = validate_ratings(raw, source=str(config.db), positions=positions, drop_bad_rows=config.drop_bad_rows)
+        return clean, bad, study.source, removed
     if config.ratings is not None:
         clean, bad = read_ratings_file(config.ratings, drop_bad_rows=config.drop_bad_rows)
-        return clean, bad, str(config.ratings)
+        return clean, bad, str(config.ratings), removed
     raise FangzhiError("analyze: give --db STUDY.duckdb or --ratings FILE")
+
+
+def exclude_inattentive(ratings: pd.DataFrame, min_failures: int | None, removed: Removed) -> pd.DataFrame:
+    """Without the raters who failed at least `min_failures` attention checks (all of them kept when None)."""
+    if min_failures is None:
+        return ratings
+    removed.attention_raters = raters_failing_attention(ratings, min_failures)
+    dropped = ratings["rater"].isin(removed.attention_raters).to_numpy()
+    removed.attention_ratings = int(dropped.sum())
+    return ratings.loc[~dropped].reset_index(drop=True)
+
+
+def removal_facts(config: AnalyzeConfig, removed: Removed) -> list[str]:
+    """The report's lines on ratings left out (revoked raters, failed attention checks)."""
+    facts = []
+    if config.db is not None:
+        if not removed.revoked_raters:
+            facts.append("Revoked raters: none.")
+        elif config.include_revoked:
+            facts.append(f"Revoked raters: {len(removed.revoked_raters)} ({', '.join(removed.revoked_raters)}); their ratings are included (--include-revoked).")
+        else:
+            facts.append(
+                f"Revoked raters: {len(removed.revoked_raters)} ({', '.join(removed.revoked_raters)}); "
+                f"their {removed.revoked_ratings} ratings were removed (--include-revoked keeps them)."
+            )
+    if config.exclude_failed_attention is not None:
+        who = f" ({', '.join(removed.attention_raters)})" if removed.attention_raters else ""
+        facts.append(
+            f"Raters with {config.exclude_failed_attention} or more failed attention checks: {len(removed.attention_raters)}{who}; "
+            f"{removed.attention_ratings} ratings removed (--exclude-failed-attention {config.exclude_failed_attention})."
+        )
+    return facts
 
 
 def clip_correlations(ratings: pd.DataFrame, clip_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -98,7 +156,10 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
 
     `ratings` lets a caller (the demo) pass a wide-format DataFrame instead of a file or DB.
     """
-    all_ratings, bad_rows, source = load_ratings(config, ratings)
+    loaded, bad_rows, source, removed = load_ratings(config, ratings)
+    # QC is reported on every rater that is analysed or dropped for failing it.
+    attention = attention_failures(loaded)
+    all_ratings = exclude_inattentive(loaded, config.exclude_failed_attention, removed)
     main = main_ratings(all_ratings)
     if main.empty:
         raise FangzhiError(f"{source}: no 'main' ratings to analyse")
@@ -112,7 +173,6 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     comparisons = stats.compare_arms(main, config.baseline_arm, arms, config.bootstrap, config.seed) if len(arms) > 1 else pd.DataFrame()
     reliability_rows = reliability.reliability_table(main)
     retest = reliability.retest_agreement(all_ratings)
-    attention = reliability.attention_failures(all_ratings)
     per_rater = table.breakdown(main, "rater")
     per_prompt = table.breakdown(main, "prompt")
     clip_joined, clip_rho = clip_correlations(main, config.clip) if config.clip is not None else (None, None)
@@ -129,6 +189,10 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         "n_attention_items": int(attention["items"].sum()) if attention is not None else 0,
         "n_attention_failures": attention_failed,
         "n_bad_rows_dropped": len(bad_rows),
+        "revoked_raters": removed.revoked_raters,
+        "n_revoked_ratings_removed": removed.revoked_ratings,
+        "attention_excluded_raters": removed.attention_raters,
+        "n_attention_excluded_ratings": removed.attention_ratings,
         "arms": arms,
     }
 
@@ -180,6 +244,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         f"Source: {source}",
         f"Rests on {counts['n_raters']} raters, {counts['n_images']} images ({counts['n_prompts']} prompts, arms: {', '.join(arms)}), {counts['n_main_ratings']} ratings.",
         f"QC: {counts['n_attention_failures']} attention-check failures out of {counts['n_attention_items']} items; {counts['n_retest_ratings']} retest ratings; {counts['n_bad_rows_dropped']} bad rows dropped.",
+        *removal_facts(config, removed),
     ]
     flagged = reliability_rows.loc[reliability_rows["alpha_flag"], "dimension"].tolist()
     if flagged:
@@ -191,7 +256,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     if retest is not None:
         sections.append(("Test–retest agreement", "A rater's retest rating against their first rating of the same image.", retest))
     if attention is not None:
-        sections.append(("Attention checks", "An item fails when its style score differs from the score the instructions asked for.", attention))
+        sections.append(("Attention checks", "An item fails unless all four scores equal the score the page asked for.", attention))
     if clip_rho is not None:
         sections.append(("CLIP vs human", "Spearman correlation over images of CLIP numbers with the rater-averaged human scores.", clip_rho))
     sections.append(("Per rater", "Mean score per rater and arm.", per_rater))

@@ -192,18 +192,6 @@ def _as_written(value: object) -> str:
     return str(value)
 
 
-def read_study_db(db_path: str | Path, drop_bad_rows: bool = False) -> tuple[pd.DataFrame, BadRows]:
-    """Read the rating app's DuckDB study (safe while the app is serving raters) and validate it."""
-    db_path = Path(db_path)
-    if not db_path.is_file():
-        raise FangzhiError(f"study database not found: {db_path}")
-    from fangzhi.rating_app.store import read_ratings
-
-    raw = read_ratings(db_path)
-    positions = [f"rater {r}, image {i} ({k})" for r, i, k in zip(raw["rater"], raw["image_id"], raw["kind"])]
-    return validate_ratings(raw, source=str(db_path), positions=positions, drop_bad_rows=drop_bad_rows)
-
-
 def main_ratings(ratings: pd.DataFrame) -> pd.DataFrame:
     """Only the ratings that count for the table and tests (drops retest and attention-check rows)."""
     if "kind" not in ratings.columns:

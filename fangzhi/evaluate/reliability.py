@@ -1,4 +1,6 @@
-"""Inter-rater reliability (Krippendorff's ordinal alpha, ICC(2,k)), test–retest agreement and attention checks.
+"""Inter-rater reliability (Krippendorff's ordinal alpha, ICC(2,k)) and test–retest agreement.
+
+Attention checks follow the study's one QC rule in `fangzhi.studydb.qc`.
 
 Units of reliability are images (arm, prompt, seed); raters are the coders. Alpha is computed from the
 units × values count matrix through `krippendorff.alpha(value_counts=...)`, which needs no raters ×
@@ -133,13 +135,3 @@ def retest_agreement(ratings: pd.DataFrame) -> pd.DataFrame | None:
             }
         )
     return pd.DataFrame(rows)
-
-
-def attention_failures(ratings: pd.DataFrame) -> pd.DataFrame | None:
-    """Per rater: attention-check items answered and failed (an item fails when its `style` score is not the `expected` one)."""
-    if "kind" not in ratings.columns or not (ratings["kind"] == "attention").any():
-        return None
-    checks = ratings.loc[ratings["kind"] == "attention"]
-    failed = pd.to_numeric(checks["expected"], errors="coerce").to_numpy() != checks["style"].to_numpy()
-    summary = checks.assign(failed=failed).groupby("rater", observed=True)["failed"].agg(items="count", failures="sum").reset_index()
-    return summary.astype({"items": int, "failures": int})

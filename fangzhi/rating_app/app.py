@@ -15,16 +15,24 @@ from __future__ import annotations
 import hmac
 import io
 import os
+import sys
 import time
 
 import streamlit as st
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
+from fangzhi.errors import FangzhiError
 from fangzhi.rating_app import i18n, media, store, study
 from fangzhi.rating_app.serve import DB_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
 SCORES = list(range(SCORE_MIN, SCORE_MAX + 1))
+
+
+# The app's one connection to the study for the server's lifetime (closed at shutdown, or when the cache is cleared).
+@st.cache_resource(show_spinner=False, on_release=lambda server: server.close())
+def study_server(db: str) -> store.StudyServer:
+    return store.StudyServer(db)
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -190,7 +198,7 @@ def rater_flow(con, references: tuple[str, ...], lang: str) -> None:
 # ---- admin page ------------------------------------------------------------------------------
 
 
-def admin_page(con, db: str, unblinded: bool) -> None:
+def admin_page(con, unblinded: bool) -> None:
     st.title("Rating study: admin")
     expected = admin_password()
     if not expected:
@@ -224,7 +232,7 @@ def admin_page(con, db: str, unblinded: bool) -> None:
         name = st.text_input("New rater's name")
         base_url = st.text_input("Link base URL", value=study.DEFAULT_BASE_URL)
         if st.form_submit_button("Add rater") and name.strip():
-            new_name, _token, link = study.add_rater(db, name, base_url)
+            new_name, _token, link = study.add_rater(con, name, base_url)
             st.success(f"Invitation link for {new_name} (shown once, keep it): {link}")
     progress = store.rater_progress(con)
     active = progress.loc[~progress["revoked"], "rater"].tolist()
@@ -255,8 +263,13 @@ def main() -> None:
     if not db:
         st.error(f"No study database: start the app with `fangzhi rate --db study.duckdb` (or set {DB_ENV}).")
         return
-    # One connection per run; the store keeps the file open between runs only while no other process asks for it.
-    with store.connect(db, keep_warm=True) as con:
+    try:
+        server = study_server(db)
+    except FangzhiError as exc:  # e.g. another program holds the file; the next page load tries again
+        print(f"fangzhi rate: {exc}", file=sys.stderr, flush=True)  # the details (server paths) stay in the server's log
+        st.error("The rating study cannot be opened right now; please try again in a minute. · 评分系统暂时无法打开，请稍后再试。")
+        return
+    with server.cursor() as con:
         settings = store.study_settings(con)
         lang = st.sidebar.radio(
             i18n.text("language", settings.default_lang),
@@ -267,7 +280,7 @@ def main() -> None:
             key="lang",
         )
         if st.query_params.get("page") == "admin":
-            admin_page(con, db, settings.unblinded)
+            admin_page(con, settings.unblinded)
         else:
             rater_flow(con, settings.reference_paths, lang)
 

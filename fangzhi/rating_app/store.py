@@ -1,23 +1,20 @@
-"""The rating study's DuckDB file: schema, the app's reads and writes, and readers for analysis.
+"""What the rating app reads and writes in the study file, and the connection it holds while serving.
 
-DuckDB lets one process at a time open a database file (the first one locks it), and analysis must
-be able to read while the app serves raters. So no process holds the file for long: the app runs
-each page on one connection and keeps the database open between pages only while raters are active
-and no other process is waiting; readers such as `read_ratings` and the export connect briefly.
-A process that finds the file locked retries and announces itself (see `connect`). Inside the app's
-process all sessions share one DuckDB instance, so raters never wait for each other on the lock;
-they only run as separate transactions.
+While the app serves, its process is the file's one owner: `StudyServer` opens one connection for
+the app's lifetime, hands each page run a cursor of it, and keeps a snapshot of the study beside
+the file (`fangzhi.studydb`) fresh within about a second of each change, for analysis and exports
+to read. The schema, the readers and the QC rules live in `fangzhi.studydb`.
 
 Every save is one transaction: the four scores, the audit rows of what changed, and the item's
-comment and time. A crash loses at most the item on screen."""
+comment and time. A crash loses at most the item on screen.
+"""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-import os
-import random
+import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,198 +24,22 @@ from typing import Any, TypeVar
 import duckdb
 import pandas as pd
 
+from fangzhi import studydb
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
+from fangzhi.studydb import qc_results, read_ratings  # noqa: F401  (the admin page's QC table and ratings)
 
-SCHEMA_SQL = f"""
-CREATE TABLE study (
-    study_key     INTEGER PRIMARY KEY CHECK (study_key = 1),  -- exactly one row
-    created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
-    manifest      VARCHAR NOT NULL,
-    default_lang  VARCHAR NOT NULL CHECK (default_lang IN ('zh', 'en')),
-    seed          BIGINT NOT NULL,
-    qc_retest     INTEGER NOT NULL CHECK (qc_retest >= 0),
-    qc_attention  INTEGER NOT NULL CHECK (qc_attention >= 0),
-    unblinded_at  TIMESTAMPTZ
-);
-CREATE TABLE prompts (
-    prompt_id     VARCHAR PRIMARY KEY,
-    prompt_en     VARCHAR NOT NULL,
-    narrative_zh  VARCHAR NOT NULL
-);
-CREATE TABLE images (
-    image_id      VARCHAR PRIMARY KEY,
-    arm           VARCHAR NOT NULL,
-    prompt_id     VARCHAR NOT NULL REFERENCES prompts (prompt_id),
-    seed          BIGINT NOT NULL,
-    path          VARCHAR NOT NULL,
-    UNIQUE (arm, prompt_id, seed)
-);
-CREATE TABLE reference_images (
-    reference_id  INTEGER PRIMARY KEY,
-    path          VARCHAR NOT NULL
-);
-CREATE SEQUENCE rater_id_seq START 1;
-CREATE TABLE raters (
-    rater_id      INTEGER PRIMARY KEY DEFAULT nextval('rater_id_seq'),
-    name          VARCHAR NOT NULL UNIQUE,
-    token_sha256  VARCHAR NOT NULL UNIQUE,
-    seed          BIGINT NOT NULL,
-    created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
-);
--- A separate table because DuckDB cannot UPDATE a row that foreign keys point at.
-CREATE TABLE revocations (
-    rater_id      INTEGER PRIMARY KEY REFERENCES raters (rater_id),
-    revoked_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
-);
-CREATE TABLE assignments (
-    rater_id      INTEGER NOT NULL REFERENCES raters (rater_id),
-    position      INTEGER NOT NULL CHECK (position >= 0),
-    image_id      VARCHAR NOT NULL REFERENCES images (image_id),
-    kind          VARCHAR NOT NULL CHECK (kind IN ('main', 'retest', 'attention')),
-    expected      INTEGER CHECK (expected BETWEEN {SCORE_MIN} AND {SCORE_MAX}),
-    PRIMARY KEY (rater_id, position),
-    CHECK ((kind = 'attention') = (expected IS NOT NULL))
-);
-CREATE TABLE scores (
-    rater_id      INTEGER NOT NULL,
-    position      INTEGER NOT NULL,
-    dimension     VARCHAR NOT NULL CHECK (dimension IN ({", ".join(f"'{k}'" for k in DIMENSION_KEYS)})),
-    score         INTEGER NOT NULL CHECK (score BETWEEN {SCORE_MIN} AND {SCORE_MAX}),
-    updated_at    TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (rater_id, position, dimension),
-    FOREIGN KEY (rater_id, position) REFERENCES assignments (rater_id, position)
-);
-CREATE SEQUENCE score_audit_seq START 1;
-CREATE TABLE score_audit (
-    audit_id      BIGINT PRIMARY KEY DEFAULT nextval('score_audit_seq'),
-    rater_id      INTEGER NOT NULL,
-    position      INTEGER NOT NULL,
-    dimension     VARCHAR NOT NULL,
-    old_score     INTEGER,            -- NULL on the first save
-    new_score     INTEGER NOT NULL CHECK (new_score BETWEEN {SCORE_MIN} AND {SCORE_MAX}),
-    changed_at    TIMESTAMPTZ NOT NULL,
-    FOREIGN KEY (rater_id, position) REFERENCES assignments (rater_id, position)
-);
-CREATE TABLE item_notes (
-    rater_id       INTEGER NOT NULL,
-    position       INTEGER NOT NULL,
-    comment        VARCHAR NOT NULL DEFAULT '',
-    seconds_spent  DOUBLE NOT NULL CHECK (seconds_spent >= 0),  -- summed over every visit that ended in a save
-    saves          INTEGER NOT NULL CHECK (saves >= 1),
-    first_saved_at TIMESTAMPTZ NOT NULL,
-    updated_at     TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (rater_id, position),
-    FOREIGN KEY (rater_id, position) REFERENCES assignments (rater_id, position)
-);
-"""
-
-LOCK_TIMEOUT_SECONDS = 30.0
-# Queries here are tiny and many run at once (one per rater); DuckDB's per-query worker threads
-# would only contend for the CPU.
-DUCKDB_CONFIG = {"threads": 1}
+SNAPSHOT_INTERVAL_SECONDS = 1.0
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def _is_lock_conflict(exc: duckdb.Error) -> bool:
-    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
-
-
-# DuckDB's lock has no queue: while the app serves many raters, some thread nearly always has the
-# file open and a reader from another process could wait forever. So a process that finds the file
-# locked leaves a request file beside it, and a process about to open the file first lets fresh
-# requests of other processes go ahead (for at most GIVE_WAY_SECONDS). The app's connections then
-# drain within milliseconds, the file closes, and the waiting reader gets in.
-GIVE_WAY_SECONDS = 2.0
-REQUEST_FRESH_SECONDS = 5.0
-
-
-def _request_file(db_path: Path) -> Path:
-    return db_path.with_name(f"{db_path.name}.open-request.{os.getpid()}-{threading.get_ident()}")
-
-
-def _others_waiting(db_path: Path) -> bool:
-    # Threads of this process share one open database, so only other processes count.
-    own_process = f"{db_path.name}.open-request.{os.getpid()}-"
-    now = time.time()
-    for request in db_path.parent.glob(f"{db_path.name}.open-request.*"):
-        try:
-            if not request.name.startswith(own_process) and now - request.stat().st_mtime < REQUEST_FRESH_SECONDS:
-                return True
-        except FileNotFoundError:  # withdrawn meanwhile
-            continue
-    return False
-
-
-# Opening a DuckDB file costs ~12 ms, more than a page's queries. The app therefore keeps one
-# "anchor" connection open while raters are active: later connects in the process then reuse the
-# open database (duckdb caches it per path) for microseconds. A watcher closes the anchor after a
-# second without requests, or as soon as another process asks for the file.
-ANCHOR_IDLE_SECONDS = 1.0
-_anchors: dict[Path, duckdb.DuckDBPyConnection] = {}
-_anchor_last_used: dict[Path, float] = {}
-_anchor_lock = threading.Lock()
-
-
-def _keep_warm(db_path: Path) -> None:
-    with _anchor_lock:
-        _anchor_last_used[db_path] = time.monotonic()
-        if db_path not in _anchors:
-            _anchors[db_path] = duckdb.connect(str(db_path), config=DUCKDB_CONFIG)  # the database is open: a cache hit
-            threading.Thread(target=_watch_anchor, args=(db_path,), daemon=True, name="duckdb-anchor").start()
-
-
-def _watch_anchor(db_path: Path) -> None:
-    while True:
-        time.sleep(0.05)
-        with _anchor_lock:
-            if time.monotonic() - _anchor_last_used[db_path] > ANCHOR_IDLE_SECONDS or _others_waiting(db_path):
-                _anchors.pop(db_path).close()
-                return
-
-
-@contextmanager
-def connect(db_path: str | Path, timeout: float = LOCK_TIMEOUT_SECONDS, keep_warm: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived connection; waits its turn while another process holds the file.
-
-    keep_warm (the app's page runs): keep the database open in this process between requests.
-    """
-    db_path = Path(db_path)
-    if not db_path.is_file():
-        raise FangzhiError(f"{db_path}: no rating study here (create one with `fangzhi study create`)")
-    give_way_until = time.monotonic() + GIVE_WAY_SECONDS
-    while _others_waiting(db_path) and time.monotonic() < give_way_until:
-        time.sleep(0.005)
-    deadline = time.monotonic() + timeout
-    request = _request_file(db_path)
-    try:
-        while True:
-            try:
-                con = duckdb.connect(str(db_path), config=DUCKDB_CONFIG)
-                break
-            except duckdb.Error as exc:
-                if not _is_lock_conflict(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise FangzhiError(f"{db_path}: still locked by another process after {timeout:.0f} s: {exc}") from None
-                request.touch()  # (re)announce that this process is waiting
-                time.sleep(0.005 + 0.01 * random.random())
-    finally:
-        request.unlink(missing_ok=True)
-    if keep_warm:
-        _keep_warm(db_path)
-    try:
-        yield con
-    finally:
-        con.close()
-
-
-# Store functions take a database path (and open a short-lived connection) or a connection that is
-# already open, so that one app run can do all its work with a single open.
+# Store functions take an open connection (the app's cursor) or a study path, for which they open a
+# short-lived connection (the demo, tests, tools run while no app serves).
 Database = str | Path | duckdb.DuckDBPyConnection
 
 
@@ -227,33 +48,114 @@ def _using(db: Database) -> Iterator[duckdb.DuckDBPyConnection]:
     if isinstance(db, duckdb.DuckDBPyConnection):
         yield db
     else:
-        with connect(db) as con:
+        with studydb.connect(db) as con:
             yield con
 
 
-def _transaction(db: Database, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-    """Run `work` in one transaction; retried whole when DuckDB reports a write-write conflict."""
-    for attempt in range(20):
-        with _using(db) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                result = work(con)
-                con.execute("COMMIT")
-                return result
-            except duckdb.TransactionException:
-                con.execute("ROLLBACK")
-                if attempt == 19:
-                    raise
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        time.sleep(0.01 * (1 + random.random()))
-    raise AssertionError("unreachable")
+# DuckDB checks write conflicts optimistically: two transactions that both insert the first scores of
+# one item collide (a constraint error, or a failed COMMIT). Writes that could touch the same rows
+# (one rater's saves: a double click, two tabs; the admin's writes) take turns; different raters'
+# saves never share a row and run side by side.
+_turns: dict[object, threading.Lock] = {}
+_turns_guard = threading.Lock()
+
+
+def _turn(key: object) -> threading.Lock:
+    with _turns_guard:
+        return _turns.setdefault(key, threading.Lock())
+
+
+def _transaction(db: Database, work: Callable[[duckdb.DuckDBPyConnection], T], turn: object = "admin") -> T:
+    """Run `work` in one transaction, after any other write of this process with the same `turn` has finished."""
+    with _using(db) as con, _turn(turn):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            result = work(con)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")  # if COMMIT itself fails, DuckDB has already rolled the transaction back
+        return result
 
 
 def _query_df(db: Database, sql: str, params: Iterable[Any] = ()) -> pd.DataFrame:
     with _using(db) as con:
         return con.execute(sql, list(params)).df()
+
+
+# ---- the app's connection -----------------------------------------------------------------------
+
+# Changes when anything a reader sees changes: saves (also of a comment only), revisions, raters, revocations, unblinding.
+_CHANGE_SQL = """
+SELECT (SELECT coalesce(sum(saves), 0) FROM item_notes), (SELECT count(*) FROM score_audit),
+       (SELECT count(*) FROM raters), (SELECT count(*) FROM revocations), (SELECT unblinded_at FROM study)
+"""
+
+
+class StudyServer:
+    """The rating app's one connection to the study, from start to shutdown, and the snapshot beside it.
+
+    `cursor()` gives a page run its own cursor (DuckDB cursors are connections to the same open
+    database, usable from the run's thread). When a run ends, a background thread rewrites the
+    snapshot if the study changed, at most once per SNAPSHOT_INTERVAL_SECONDS.
+    """
+
+    def __init__(self, db_path: str | Path):
+        self.db_path = Path(db_path)
+        self._con = studydb.open_study(self.db_path)
+        self._snapshot_con = self._con.cursor()
+        self._snapshot_of: tuple | None = None
+        self._runs_ended = threading.Event()
+        self._closing = threading.Event()
+        try:
+            self._write_snapshot_if_changed()  # readers have a snapshot from the first moment the file is held
+        except BaseException:
+            self._con.close()  # let go of the file: a server that cannot start must not block others
+            raise
+        self._thread = threading.Thread(target=self._keep_snapshot, daemon=True, name="study-snapshot")
+        self._thread.start()
+        atexit.register(self.close)
+
+    @contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cursor = self._con.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+            self._runs_ended.set()
+
+    def _write_snapshot_if_changed(self) -> None:
+        state = self._snapshot_con.execute(_CHANGE_SQL).fetchone()
+        if state != self._snapshot_of:
+            studydb.write_snapshot(self._snapshot_con, self.db_path)
+            self._snapshot_of = state
+
+    def _keep_snapshot(self) -> None:
+        while True:
+            self._runs_ended.wait()
+            if self._closing.is_set():
+                return
+            self._runs_ended.clear()
+            try:
+                self._write_snapshot_if_changed()
+            except Exception:  # a full disk must not stop the app serving; readers see the snapshot's age
+                log.exception("could not write the study snapshot %s", studydb.snapshot_path(self.db_path))
+            self._closing.wait(SNAPSHOT_INTERVAL_SECONDS)
+
+    def close(self) -> None:
+        """Write a last snapshot and close the file (at shutdown; also when Streamlit drops the cached server)."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._runs_ended.set()
+        self._thread.join()
+        try:
+            self._write_snapshot_if_changed()
+        finally:
+            self._snapshot_con.close()
+            self._con.close()
+            atexit.unregister(self.close)
 
 
 # ---- what the app reads -------------------------------------------------------------------
@@ -395,7 +297,7 @@ def save_item(db: Database, rater_id: int, position: int, scores: Mapping[str, i
             [rater_id, position, comment, max(0.0, float(seconds)), now, now],
         )
 
-    _transaction(db, work)
+    _transaction(db, work, turn=("rater", rater_id))
 
 
 def list_assignments(db: Database) -> pd.DataFrame:
@@ -417,63 +319,17 @@ def add_ratings(db: Database, rows: Iterable[Mapping[str, Any]]) -> int:
     """
     with _using(db) as con:
         rater_ids = dict(con.execute("SELECT name, rater_id FROM raters").fetchall())
-    saved = 0
-    for row in rows:
-        if row["rater"] not in rater_ids:
-            raise FangzhiError(f"{db}: no rater named {row['rater']!r}")
-        scores = {key: int(row[key]) for key in DIMENSION_KEYS}
-        save_item(db, rater_ids[row["rater"]], int(row["position"]), scores, row.get("comment", ""), row.get("seconds", 0.0))
-        saved += 1
+        saved = 0
+        for row in rows:
+            if row["rater"] not in rater_ids:
+                raise FangzhiError(f"no rater named {row['rater']!r} in this study")
+            scores = {key: int(row[key]) for key in DIMENSION_KEYS}
+            save_item(con, rater_ids[row["rater"]], int(row["position"]), scores, row.get("comment", ""), row.get("seconds", 0.0))
+            saved += 1
     return saved
 
 
-# ---- readers for analysis and the admin page ----------------------------------------------------
-
-_PIVOT = ",\n".join(f"max(s.score) FILTER (WHERE s.dimension = '{k}') AS {k}" for k in DIMENSION_KEYS)
-
-
-def read_ratings(db: Database) -> pd.DataFrame:
-    """One row per rater × item with all four dimensions scored (see docs/formats.md, "Rating study DB").
-
-    Columns: rater, arm, prompt, seed, image_id, kind, style, match, detail, beauty, expected.
-    Safe to call while the app serves raters: the connection is short-lived and waits for the lock.
-    """
-    ratings = _query_df(
-        db,
-        f"""
-        SELECT r.name AS rater, i.arm, i.prompt_id AS prompt, i.seed, i.image_id, a.kind,
-               {_PIVOT},
-               a.expected
-        FROM assignments a
-        JOIN raters r USING (rater_id)
-        JOIN images i USING (image_id)
-        JOIN scores s USING (rater_id, position)
-        GROUP BY r.rater_id, r.name, a.position, i.arm, i.prompt_id, i.seed, i.image_id, a.kind, a.expected
-        HAVING count(*) = {len(DIMENSION_KEYS)}
-        ORDER BY r.rater_id, a.position
-        """,
-    )
-    for key in DIMENSION_KEYS:
-        ratings[key] = ratings[key].astype("int64")
-    ratings["seed"] = ratings["seed"].astype("int64")
-    ratings["expected"] = ratings["expected"].astype("Int64")
-    return ratings.reset_index(drop=True)
-
-
-def export_ratings(db: Database, out: str | Path) -> int:
-    """Write `read_ratings` to .csv or .parquet; returns the number of rows."""
-    out = Path(out)
-    if out.suffix not in (".csv", ".parquet"):
-        raise FangzhiError(f"{out}: the export file must end in .csv or .parquet")
-    ratings = read_ratings(db)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".csv":
-        ratings.to_csv(tmp, index=False)
-    else:
-        ratings.to_parquet(tmp, index=False)
-    tmp.replace(out)
-    return len(ratings)
+# ---- for the admin page -------------------------------------------------------------------------
 
 
 def rater_progress(db: Database) -> pd.DataFrame:
@@ -502,31 +358,6 @@ def rater_progress(db: Database) -> pd.DataFrame:
     )
 
 
-def qc_results(ratings: pd.DataFrame) -> pd.DataFrame:
-    """Per rater: attention checks passed (all four scores as asked) and test–retest agreement.
-
-    Retest agreement compares each repeated image with the rater's first ('main') rating of it:
-    the share of the four scores that are identical and the mean absolute difference.
-    """
-    rows = []
-    for rater, own in ratings.groupby("rater", sort=False):
-        attention = own[own["kind"] == "attention"]
-        passed = int((attention[list(DIMENSION_KEYS)].eq(attention["expected"].astype("int64"), axis=0)).all(axis=1).sum())
-        retest = own[own["kind"] == "retest"].merge(own[own["kind"] == "main"], on="image_id", suffixes=("_retest", "_main"))
-        differences = pd.concat([(retest[f"{k}_retest"] - retest[f"{k}_main"]).abs() for k in DIMENSION_KEYS]) if len(retest) else pd.Series(dtype=float)
-        rows.append(
-            {
-                "rater": rater,
-                "attention_passed": passed,
-                "attention_rated": len(attention),
-                "retest_pairs": len(retest),
-                "retest_exact_agreement": float((differences == 0).mean()) if len(differences) else float("nan"),
-                "retest_mean_abs_diff": float(differences.mean()) if len(differences) else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows, columns=["rater", "attention_passed", "attention_rated", "retest_pairs", "retest_exact_agreement", "retest_mean_abs_diff"])
-
-
 def arm_summary(ratings: pd.DataFrame) -> pd.DataFrame:
     """Mean score per arm and dimension over the main items (unblinded: admin only, after unblinding)."""
     main = ratings[ratings["kind"] == "main"]
@@ -540,7 +371,7 @@ def revoke_rater(db: Database, name: str) -> None:
     def work(con: duckdb.DuckDBPyConnection) -> None:
         found = con.execute("SELECT rater_id FROM raters ANTI JOIN revocations USING (rater_id) WHERE name = ?", [name]).fetchone()
         if found is None:
-            raise FangzhiError(f"{db}: no active rater named {name!r}")
+            raise FangzhiError(f"no active rater named {name!r} in this study")
         con.execute("INSERT INTO revocations (rater_id) VALUES (?)", found)
 
     _transaction(db, work)

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from fangzhi import studydb
 from fangzhi.errors import FangzhiError
 from fangzhi.generate.manifest import read_manifest as read_generation_manifest
 from fangzhi.rating_app import store
@@ -187,9 +188,9 @@ def create_study(
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(db.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    con = duckdb.connect(str(tmp), config=studydb.DUCKDB_CONFIG)
     try:
-        con.execute(store.SCHEMA_SQL)
+        studydb.create_schema(con)
         con.execute(
             "INSERT INTO study (study_key, manifest, default_lang, seed, qc_retest, qc_attention) VALUES (1, ?, ?, ?, ?, ?)",
             [str(Path(manifest).resolve()), lang, seed, qc_retest, qc_attention],
@@ -213,20 +214,23 @@ def create_study(
     return [(name, token, invitation_link(base_url, token)) for name, token in zip(names, tokens)]
 
 
-def add_rater(db: str | Path, name: str, base_url: str = DEFAULT_BASE_URL) -> tuple[str, str, str]:
-    """Invite one more rater to an existing study (also while the app runs)."""
+def add_rater(db: store.Database, name: str, base_url: str = DEFAULT_BASE_URL) -> tuple[str, str, str]:
+    """Invite one more rater to an existing study (while the app serves, through the app's connection)."""
     name = name.strip()
     if not name:
         raise FangzhiError("a rater needs a non-empty name")
-    with store.connect(db) as con:
-        manifest, study_seed, qc_retest, qc_attention = con.execute("SELECT manifest, seed, qc_retest, qc_attention FROM study").fetchone()
+
+    def insert(con: duckdb.DuckDBPyConnection) -> str:
+        study_seed, qc_retest, qc_attention = con.execute("SELECT seed, qc_retest, qc_attention FROM study").fetchone()
         if con.execute("SELECT 1 FROM raters WHERE name = ?", [name]).fetchone():
-            raise FangzhiError(f"{db}: a rater named {name!r} already exists")
+            raise FangzhiError(f"a rater named {name!r} already exists")
         image_rows = con.execute(
             "SELECT i.image_id, i.arm, i.prompt_id, i.seed, i.path, p.prompt_en, p.narrative_zh FROM images i JOIN prompts p USING (prompt_id) ORDER BY i.image_id"
         ).fetchall()
-    images = [ManifestImage(r[0], r[1], r[2], r[3], Path(r[4]), r[5], r[6]) for r in image_rows]
-    token = store._transaction(db, lambda con: _insert_rater(con, name, study_seed, images, qc_retest, qc_attention))
+        images = [ManifestImage(r[0], r[1], r[2], r[3], Path(r[4]), r[5], r[6]) for r in image_rows]
+        return _insert_rater(con, name, study_seed, images, qc_retest, qc_attention)
+
+    token = store._transaction(db, insert)
     return name, token, invitation_link(base_url, token)
 
 

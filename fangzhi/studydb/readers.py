@@ -1,0 +1,178 @@
+"""Reading a study, live or not: one row per assignment, the ratings made from them, and the snapshot.
+
+Everything analysis needs is one table with a row per rater × position (`STUDY_ROWS_SQL`): the
+rater and whether they were revoked, the item (image, arm, prompt, seed, kind, asked-for score),
+the four scores (empty until saved), the comment, time and number of saves. The rating app writes
+exactly this table as its snapshot (Parquet, the study settings and the snapshot's time and save
+count in the file's key-value metadata), so a reader gets the same rows from the file or from the
+snapshot.
+
+`read_study` opens the file read-only when it is free, and otherwise reads the snapshot and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+
+from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.errors import FangzhiError
+from fangzhi.studydb.connection import DUCKDB_CONFIG, require_study_file, snapshot_path
+from fangzhi.studydb.schema import stored_version
+
+_SCORE_COLUMNS = ",\n".join(f"max(score) FILTER (WHERE dimension = '{k}') AS {k}" for k in DIMENSION_KEYS)
+
+STUDY_ROWS_SQL = f"""
+SELECT a.rater_id, r.name AS rater, v.rater_id IS NOT NULL AS revoked, v.revoked_at,
+       a.position, a.image_id, i.arm, i.prompt_id AS prompt, i.seed, a.kind, a.expected,
+       {", ".join(f"s.{k}" for k in DIMENSION_KEYS)},
+       n.comment, n.seconds_spent, n.saves, n.first_saved_at, n.updated_at
+FROM assignments a
+JOIN raters r USING (rater_id)
+JOIN images i USING (image_id)
+LEFT JOIN revocations v USING (rater_id)
+LEFT JOIN (SELECT rater_id, position, {_SCORE_COLUMNS} FROM scores GROUP BY rater_id, position) s USING (rater_id, position)
+LEFT JOIN item_notes n USING (rater_id, position)
+ORDER BY a.rater_id, a.position
+"""
+
+STUDY_SETTINGS_SQL = "SELECT manifest, default_lang, seed, qc_retest, qc_attention, created_at, unblinded_at FROM study"
+SAVES_SQL = "SELECT coalesce(sum(saves), 0)::BIGINT FROM item_notes"
+SNAPSHOT_METADATA_KEY = "fangzhi_study_snapshot"
+RATING_COLUMNS = ["rater", "arm", "prompt", "seed", "image_id", "kind", *DIMENSION_KEYS, "expected", "revoked"]
+
+
+def study_rows(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    return con.execute(STUDY_ROWS_SQL).df()
+
+
+def settings_row(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """The `study` row as JSON-ready values (timestamps as ISO text)."""
+    row = con.execute(STUDY_SETTINGS_SQL).fetchone()
+    settings = dict(zip([column for column, *_ in con.description], row))
+    return {key: value.isoformat() if isinstance(value, datetime) else value for key, value in settings.items()}
+
+
+def ratings_from_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per rater × item with all four dimensions scored (see docs/formats.md, "Ratings, wide format").
+
+    Columns: rater, arm, prompt, seed, image_id, kind, style, match, detail, beauty, expected, revoked.
+    """
+    complete = rows[list(DIMENSION_KEYS)].notna().all(axis=1)
+    ratings = rows.loc[complete, RATING_COLUMNS].reset_index(drop=True)
+    return ratings.astype(
+        {"rater": str, "arm": str, "prompt": str, "image_id": str, "kind": str, "seed": "int64", "expected": "Int64", "revoked": bool,
+         **dict.fromkeys(DIMENSION_KEYS, "int64")}
+    )
+
+
+def read_ratings(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The ratings on an open connection (the rating app's own, for its admin page)."""
+    return ratings_from_rows(study_rows(con))
+
+
+# ---- the snapshot ------------------------------------------------------------------------------
+
+
+def write_snapshot(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> int:
+    """Write the study's rows, settings and save count to the snapshot file atomically; returns the save count.
+
+    One read transaction, so rows, settings and count are from the same moment; readers see either
+    the previous snapshot or this one (temp file + rename).
+    """
+    target = snapshot_path(db_path)
+    temporary = target.with_name(target.name + ".tmp")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        saves = con.execute(SAVES_SQL).fetchone()[0]
+        metadata = {
+            "schema_version": stored_version(con, db_path),
+            "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "saves": saves,
+            "study": settings_row(con),
+        }
+        literal = json.dumps(metadata, ensure_ascii=False).replace("'", "''")
+        con.execute(f"COPY ({STUDY_ROWS_SQL}) TO '{_sql_path(temporary)}' (FORMAT parquet, KV_METADATA {{{SNAPSHOT_METADATA_KEY}: '{literal}'}})")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    os.replace(temporary, target)
+    return saves
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+@dataclass(frozen=True)
+class StudyRead:
+    """A study as read: its assignment rows and settings, and where they came from."""
+
+    rows: pd.DataFrame
+    settings: dict[str, Any]
+    source: str  # e.g. "study.duckdb" or "study.duckdb.snapshot.parquet (snapshot of 09:12:03 UTC, 412 saves)"
+    from_snapshot: bool
+    saves: int
+
+    def ratings(self) -> pd.DataFrame:
+        return ratings_from_rows(self.rows)
+
+
+def read_study(db_path: str | Path) -> StudyRead:
+    """The study from its file (read-only) when no other process holds it, else from the app's snapshot."""
+    db_path = require_study_file(db_path)
+    try:
+        con = duckdb.connect(str(db_path), read_only=True, config=DUCKDB_CONFIG)
+    except duckdb.Error as exc:
+        # Held by the rating app (or another program): its snapshot is the consistent copy to read.
+        return _read_snapshot(db_path, reason=str(exc))
+    with con:
+        stored_version(con, db_path)
+        return StudyRead(study_rows(con), settings_row(con), str(db_path), False, con.execute(SAVES_SQL).fetchone()[0])
+
+
+def _read_snapshot(db_path: Path, reason: str) -> StudyRead:
+    snapshot = snapshot_path(db_path)
+    if not snapshot.is_file():
+        raise FangzhiError(
+            f"{db_path}: cannot open it ({reason}), and there is no snapshot {snapshot.name} beside it. "
+            "If another program has the study open, close it and try again."
+        )
+    try:
+        metadata = json.loads(pq.read_metadata(snapshot).metadata[SNAPSHOT_METADATA_KEY.encode()])
+        rows = pd.read_parquet(snapshot)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise FangzhiError(f"{snapshot}: not a readable study snapshot: {exc}") from None
+    taken_at = datetime.fromisoformat(metadata["taken_at"])
+    age = (datetime.now(timezone.utc) - taken_at).total_seconds()
+    source = (
+        f"{snapshot} (the study file is in use, e.g. by the rating app; snapshot taken {taken_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"{age:.0f} s ago, holding {metadata['saves']} saves)"
+    )
+    return StudyRead(rows, metadata["study"], source, True, metadata["saves"])
+
+
+def export_ratings(db_path: str | Path, out: str | Path) -> tuple[int, StudyRead]:
+    """Write the study's ratings to .csv or .parquet; returns the number of rows and what was read."""
+    out = Path(out)
+    if out.suffix not in (".csv", ".parquet"):
+        raise FangzhiError(f"{out}: the export file must end in .csv or .parquet")
+    study = read_study(db_path)
+    ratings = study.ratings()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    if out.suffix == ".csv":
+        ratings.to_csv(temporary, index=False)
+    else:
+        ratings.to_parquet(temporary, index=False)
+    os.replace(temporary, out)
+    return len(ratings), study

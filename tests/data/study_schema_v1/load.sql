@@ -1,0 +1,10 @@
+COPY prompts FROM 'tests/data/study_schema_v1/prompts.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('prompt_en', 'narrative_zh', 'prompt_id'), quote '"', delimiter ',', header 1);
+COPY raters FROM 'tests/data/study_schema_v1/raters.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('name', 'token_sha256', 'seed', 'created_at', 'rater_id'), quote '"', delimiter ',', header 1);
+COPY reference_images FROM 'tests/data/study_schema_v1/reference_images.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('path', 'reference_id'), quote '"', delimiter ',', header 1);
+COPY study FROM 'tests/data/study_schema_v1/study.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('created_at', 'manifest', 'default_lang', 'seed', 'qc_retest', 'qc_attention', 'study_key'), quote '"', delimiter ',', header 1);
+COPY images FROM 'tests/data/study_schema_v1/images.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('arm', 'prompt_id', 'seed', 'path', 'image_id'), quote '"', delimiter ',', header 1);
+COPY revocations FROM 'tests/data/study_schema_v1/revocations.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('revoked_at', 'rater_id'), quote '"', delimiter ',', header 1);
+COPY assignments FROM 'tests/data/study_schema_v1/assignments.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('rater_id', 'position', 'image_id', 'kind'), quote '"', delimiter ',', header 1);
+COPY item_notes FROM 'tests/data/study_schema_v1/item_notes.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('rater_id', 'position', 'comment', 'seconds_spent', 'saves', 'first_saved_at', 'updated_at'), quote '"', delimiter ',', header 1);
+COPY scores FROM 'tests/data/study_schema_v1/scores.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('rater_id', 'position', 'dimension', 'score', 'updated_at'), quote '"', delimiter ',', header 1);
+COPY score_audit FROM 'tests/data/study_schema_v1/score_audit.csv' (FORMAT 'csv', allow_quoted_nulls false, force_not_null ('rater_id', 'position', 'dimension', 'new_score', 'changed_at', 'audit_id'), quote '"', delimiter ',', header 1);
