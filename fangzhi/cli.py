@@ -89,10 +89,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             PowerConfig,
             args.config,
             {
-                "from_ratings": args.from_ratings, "baseline_arm": args.baseline_arm, "diff": args.diff,
+                "from_ratings": args.from_ratings, "from_db": args.db, "baseline_arm": args.baseline_arm, "diff": args.diff,
                 "power": args.power, "alpha": args.alpha, "raters": args.raters, "prompts": args.prompts,
                 "seeds_per_prompt": args.seeds_per_prompt, "sims": args.sims, "seed": args.seed, "out": args.out,
-                **{f"components.{name}": getattr(args, name) for name in ("base_mean", "rater_sd", "pair_sd", "image_sd", "noise_sd")},
+                **{f"components.{name}": getattr(args, name) for name in POWER_COMPONENT_FLAGS},
             },
         )
         print(run_power(config)[2])
@@ -123,6 +123,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+POWER_COMPONENT_FLAGS: dict[str, str] = {
+    "base_mean": "baseline mean score (default 3.2)",
+    "rater_sd": "SD of rater leniency (default 0.4)",
+    "prompt_sd": "SD of the prompt effect shared by both arms (default 0.4)",
+    "seed_sd": "SD of the seed effect within a prompt, shared by both arms (default 0.3)",
+    "image_sd": "SD of the image's own effect, shared by its raters (default 0.3)",
+    "rater_arm_sd": "SD of a rater's own LoRA − base difference (default 0.1)",
+    "prompt_arm_sd": "SD of a prompt's own LoRA − base difference (default 0.2)",
+    "noise_sd": "SD of per-rating noise (default 0.7)",
+}
+
+
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="human ratings: Table 2 (mean ± SD), paired tests, reliability, report; or 'analyze power' to plan a study")
     p.add_argument("mode", nargs="?", choices=["power"], help="power: how many raters × prompts a study needs (simulation)")
@@ -139,19 +151,16 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random seed for the bootstrap / simulation (default 0)")
     p.add_argument("--title-note", help="added to every title, e.g. 'simulated'")
     power = p.add_argument_group("power (with 'analyze power')")
-    power.add_argument("--from-ratings", help="estimate variance components from this wide ratings file")
+    power.add_argument("--from-ratings", help="estimate the SDs below from this wide ratings file (or from --db) with the crossed mixed model")
     power.add_argument("--diff", type=float, help="mean score difference to detect (default 0.3)")
     power.add_argument("--power", type=float, help="target power (default 0.8)")
     power.add_argument("--alpha", type=float, help="significance level (default 0.05)")
-    power.add_argument("--raters", type=_int_list, help="rater counts to try, e.g. 2,4,6")
-    power.add_argument("--prompts", type=_int_list, help="prompt counts to try, e.g. 8,16,32")
+    power.add_argument("--raters", type=_int_list, help="rater counts to try, e.g. 2,4,6 (each ≥ 1)")
+    power.add_argument("--prompts", type=_int_list, help="prompt counts to try, e.g. 8,16,32 (each ≥ 2; the prompt is the test's unit)")
     power.add_argument("--seeds-per-prompt", type=int, help="images per prompt and arm (default 1)")
     power.add_argument("--sims", type=int, help="simulated studies per design (default 500)")
-    power.add_argument("--base-mean", type=float, help="without --from-ratings: baseline mean score (default 3.2)")
-    power.add_argument("--rater-sd", type=float, help="without --from-ratings: SD of rater leniency (default 0.4)")
-    power.add_argument("--pair-sd", type=float, help="without --from-ratings: SD of the prompt × seed effect shared by both arms (default 0.5)")
-    power.add_argument("--image-sd", type=float, help="without --from-ratings: SD of the image's own effect (default 0.3)")
-    power.add_argument("--noise-sd", type=float, help="without --from-ratings: SD of per-rating noise (default 0.7)")
+    for name, text in POWER_COMPONENT_FLAGS.items():
+        power.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"without --from-ratings/--db: {text}")
     p.set_defaults(func=_cmd_analyze)
 
 

@@ -19,7 +19,7 @@ from fangzhi.evaluate.analyze import AnalyzeConfig, PowerConfig, analyze, run_po
 from fangzhi.evaluate.power import VarianceComponents, simulate_ratings, simulated_power
 from fangzhi.evaluate.ratings import read_ratings_file
 from fangzhi.evaluate.reliability import icc2, krippendorff_alpha, reliability_table
-from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm
+from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm, signed_rank_test
 from fangzhi.evaluate.table import arm_order, paper_table, summary_table, to_csv_frame
 
 HEADER = "rater,arm,prompt,seed,style,match,detail,beauty"
@@ -156,12 +156,11 @@ def paired_sample(n=30, seed=1):
 
 
 def test_paired_tests_equal_scipy_and_pingouin():
-    base, other = paired_sample()
+    base, other = paired_sample(n=12)  # ties and zeros among 12 pairs: scipy's exhaustive permutation test
     result = compare_pair(base, other, n_boot=2000, rng=np.random.default_rng(0))
     wilcoxon = sps.wilcoxon(other, base, zero_method="wilcox")
     assert result["wilcoxon_W"] == wilcoxon.statistic and result["wilcoxon_p"] == pytest.approx(wilcoxon.pvalue)
-    pg_w = pg.wilcoxon(other, base, correction=False)  # pingouin defaults to a continuity correction; scipy does not
-    assert result["wilcoxon_p"] == pytest.approx(pg_w["p_val"].iloc[0])
+    pg_w = pg.wilcoxon(other, base)
     assert result["rank_biserial"] == pytest.approx(pg_w["RBC"].iloc[0])
     ttest = sps.ttest_rel(other, base)
     assert result["t"] == pytest.approx(ttest.statistic) and result["t_p"] == pytest.approx(ttest.pvalue)
@@ -170,6 +169,19 @@ def test_paired_tests_equal_scipy_and_pingouin():
     # Cohen's dz is t / sqrt(n) for the paired t-test.
     assert result["cohens_dz"] == pytest.approx(ttest.statistic / math.sqrt(len(base)))
     assert result["ci95_low"] < result["mean_diff"] < result["ci95_high"]
+
+
+@pytest.mark.parametrize("n", [5, 9, 20, 50])
+def test_signed_rank_is_scipys_exact_test_without_ties(n):
+    diff = np.random.default_rng(n).normal(0.4, 1, n)
+    assert signed_rank_test(diff)[1] == pytest.approx(sps.wilcoxon(diff, method="exact").pvalue, rel=1e-9)
+
+
+def test_signed_rank_beyond_the_exact_range_is_the_tie_corrected_normal_approximation():
+    base, other = paired_sample(n=80)
+    expected = sps.wilcoxon(other, base, method="asymptotic", correction=False)
+    assert signed_rank_test(other - base) == pytest.approx((expected.statistic, expected.pvalue))
+    assert signed_rank_test(other - base)[1] == pytest.approx(pg.wilcoxon(other, base, correction=False)["p_val"].iloc[0])
 
 
 def test_rank_biserial_hand_example_and_all_tied_pairs():
@@ -236,7 +248,7 @@ def test_reliability_all_equal_does_not_crash_and_low_alpha_is_flagged():
     table = reliability_table(same)
     assert table["krippendorff_alpha_ordinal"].isna().all() and table["icc2_k"].isna().all()
     assert table["note"].str.contains("undefined").all() and not table["alpha_flag"].any()
-    noisy = simulate_ratings(4, 20, 1, seed=1, components=VarianceComponents(rater_sd=0, pair_sd=0, image_sd=0, noise_sd=1.2))
+    noisy = simulate_ratings(4, 20, 1, seed=1, components=VarianceComponents(rater_sd=0, prompt_sd=0, seed_sd=0, image_sd=0, rater_arm_sd=0, prompt_arm_sd=0, noise_sd=1.2))
     assert reliability_table(noisy)["alpha_flag"].all()
 
 
@@ -295,7 +307,10 @@ def test_analyze_end_to_end_with_qc_and_clip(tmp_path):
     assert results["counts"]["n_raters"] == 3 and results["counts"]["n_images"] == 12
     assert results["counts"]["n_attention_failures"] == 1 and results["counts"]["n_retest_ratings"] == 1
     assert results["retest"][0]["exact_agreement"] == 1.0
-    assert len(results["comparisons"]) == 2 * 5 and len(results["clip_spearman"]) == 2 * 5
+    assert len(results["comparisons"]) == 3 * 5 and len(results["clip_spearman"]) == 2 * 5
+    primary = [row for row in results["comparisons"] if row["primary"]]
+    assert [row["score"] for row in primary] == ["style", "match", "detail", "beauty", "comprehensive"]
+    assert {row["unit"] for row in primary} == {"prompts"} and primary[0]["n_pairs"] == 6
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "(simulated)" in html and "3 raters" in html and "1 attention-check failures" in html
     embedded = html.split("data:image/png;base64,")[1].split("'")[0]
