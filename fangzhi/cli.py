@@ -79,6 +79,13 @@ _int_list = _comma_list(int, "2,4,6")
 _float_list = _comma_list(float, "0.5,1")
 
 
+def _arm_alias(text: str) -> tuple[str, str]:
+    source, sep, target = text.partition("=")
+    if not sep or not source.strip() or not target.strip():
+        raise argparse.ArgumentTypeError(f"expected FROM=TO such as LoRA=lora, got '{text}'")
+    return source.strip(), target.strip()
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from fangzhi.config import load_config
 
@@ -109,6 +116,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             "db": args.db, "ratings": args.ratings, "out": args.out, "sd_over": args.sd_over,
             "drop_bad_rows": args.drop_bad_rows or None, "clip": args.clip, "baseline_arm": args.baseline_arm,
             "bootstrap": args.bootstrap, "seed": args.seed, "title_note": args.title_note,
+            "arm_alias": dict(args.arm_alias) if args.arm_alias else None, "mixed_model": False if args.no_mixed_model else None,
         },
     )
     import warnings
@@ -147,6 +155,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-bad-rows", action="store_true", help="analyse without bad rows instead of stopping (they are still listed)")
     p.add_argument("--clip", help="clip_scores.csv from the CLIP scorer, for CLIP vs human correlations and scatter")
     p.add_argument("--baseline-arm", help="arm the others are compared against (default base)")
+    p.add_argument("--arm-alias", action="append", type=_arm_alias, metavar="FROM=TO", help="read arm FROM as arm TO, e.g. LoRA=lora (repeatable)")
+    p.add_argument("--no-mixed-model", action="store_true", help="skip the crossed mixed model (the prompt-level tests stay)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% CI of the mean difference (default 10000)")
     p.add_argument("--seed", type=int, help="random seed for the bootstrap / simulation (default 0)")
     p.add_argument("--title-note", help="added to every title, e.g. 'simulated'")

@@ -363,3 +363,76 @@ def test_cli_power_with_given_components(tmp_path, capsys):
     assert "reach power" in capsys.readouterr().out
     saved = json.loads((tmp_path / "pw" / "power.json").read_text(encoding="utf-8"))
     assert saved["components"]["any dimension"]["noise_sd"] == 0.3 and len(saved["grid"]) == 2
+
+
+# --- Input read exactly or refused ----------------------------------------------------------
+
+
+def test_seeds_above_2_to_the_53_stay_distinct(tmp_path):
+    big = 2**53
+    rows = [f"{r},{arm},p{p},{big + s},{3 + (arm == 'lora')},3,3,3" for r in "AB" for arm in ("base", "lora") for p in range(6) for s in range(2)]
+    ratings, _ = read_ratings_file(write_csv(tmp_path / "big.csv", rows))
+    assert sorted(set(ratings["seed"].tolist())) == [big, big + 1] and ratings["seed"].dtype == np.int64
+    out = analyze(AnalyzeConfig(ratings=tmp_path / "big.csv", out=tmp_path / "out", bootstrap=100, mixed_model=False))
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["counts"]["n_images"] == 2 * 6 * 2
+
+
+def test_unsigned_64_bit_seeds_are_exact_and_out_of_range_seeds_are_refused(tmp_path):
+    top = 2**64 - 1
+    ratings, _ = read_ratings_file(write_csv(tmp_path / "u.csv", [f"A,base,p1,{top},3,3,3,3", f"A,base,p1,{top - 1},3,3,3,3"]))
+    assert ratings["seed"].tolist() == [top, top - 1] and ratings["seed"].dtype == np.uint64
+    # A blank field elsewhere makes pandas read the column as float64; the seeds must still be exact.
+    with pytest.raises(FangzhiError) as error:
+        read_ratings_file(write_csv(tmp_path / "bad.csv", [f"A,base,p1,{2**64},3,3,3,3", "A,base,p2,-1,3,3,3,3", f"A,base,p3,{2**63},3,3,3,3", "A,base,p4,,3,3,3,3", "A,base,p5,2.5,3,3,3,3"]))
+    message = str(error.value)
+    assert f"line 2: seed is '{2**64}'; does not fit in 64 bits" in message
+    assert "line 4: seed is 9223372036854775808; the file mixes negative seeds" in message
+    assert "line 5: seed is empty" in message and "line 6: seed is '2.5'; must be an integer" in message
+    ratings, _ = read_ratings_file(write_csv(tmp_path / "neg.csv", ["A,base,p1,-9223372036854775808,3,3,3,3", "A,base,p1,9007199254740993,3,3,3,3", "A,base,p2,,3,3,3,3"]), drop_bad_rows=True)
+    assert ratings["seed"].tolist() == [-(2**63), 2**53 + 1]
+
+
+def test_parquet_float_seeds_above_2_to_the_53_are_refused(tmp_path):
+    frame = pd.DataFrame({"rater": ["A", "A"], "arm": ["base", "lora"], "prompt": ["p", "p"], "seed": [1.0, 2.0**60], "style": 3, "match": 3, "detail": 3, "beauty": 3})
+    frame.to_parquet(tmp_path / "f.parquet")
+    with pytest.raises(FangzhiError, match="row 2: seed is '1152921504606846976'; is stored as a floating-point number"):
+        read_ratings_file(tmp_path / "f.parquet")
+
+
+def test_unknown_kind_values_are_errors_with_line_numbers(tmp_path):
+    header = HEADER + ",kind"
+    rows = [row + ",main" for row in SMALL_ROWS]
+    rows[1] = SMALL_ROWS[1] + ","
+    rows[2] = SMALL_ROWS[2] + ",Main"
+    with pytest.raises(FangzhiError) as error:
+        read_ratings_file(write_csv(tmp_path / "kind.csv", rows, header=header))
+    message = str(error.value)
+    assert "2 bad rating row(s)" in message
+    assert "line 3: kind is empty; must be one of main, retest, attention" in message
+    assert "line 4: kind is 'Main'; must be one of main, retest, attention" in message
+
+
+def test_arm_names_differing_in_case_are_refused_or_aliased(tmp_path):
+    rows = [row.replace(",lora,", ",LoRA,") if i == 4 else row for i, row in enumerate(SMALL_ROWS)]
+    path = write_csv(tmp_path / "case.csv", rows)
+    with pytest.raises(FangzhiError, match=r"line 6: arm 'LoRA' differs from arm 'lora' only in case; fix the file or pass --arm-alias LoRA=lora"):
+        read_ratings_file(path)
+    ratings, _ = read_ratings_file(path, arm_alias={"LoRA": "lora"})
+    assert sorted(ratings["arm"].unique()) == ["base", "lora"] and len(ratings) == len(SMALL_ROWS)
+    assert cli_main(["analyze", "--ratings", str(path), "--out", str(tmp_path / "cli"), "--bootstrap", "100", "--arm-alias", "LoRA=lora", "--no-mixed-model"]) == 0
+
+
+def test_a_run_without_pairs_is_an_error(tmp_path, capsys):
+    only_base = write_csv(tmp_path / "base.csv", [r for r in SMALL_ROWS if ",base," in r])
+    assert cli_main(["analyze", "--ratings", str(only_base), "--out", str(tmp_path / "o1")]) == 2
+    assert "only the arm 'base' was rated" in capsys.readouterr().err
+    disjoint = write_csv(tmp_path / "disjoint.csv", [r.replace(",p", ",q") if ",lora," in r else r for r in SMALL_ROWS])
+    assert cli_main(["analyze", "--ratings", str(disjoint), "--out", str(tmp_path / "o2")]) == 2
+    assert "no prompt was rated in both the baseline arm 'base' and arm(s) 'lora'" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_power_parameters_are_validated(capsys):
+    for argv in (["--raters", "0"], ["--raters", "-2"], ["--noise-sd", "-1"], ["--prompts", "1"], ["--sims", "10"]):
+        assert cli_main(["analyze", "power", *argv]) == 2
+        assert "invalid configuration" in capsys.readouterr().err
