@@ -400,6 +400,8 @@ def _cmd_clip_check(args: argparse.Namespace) -> int:
         {
             "images": args.images, "baseline": args.baseline, "update_baseline": args.update_baseline or None,
             "tolerance": args.tolerance, "style_tolerance": args.style_tolerance, "alpha": args.alpha,
+            "collapse_drop": args.collapse_drop, "style_collapse_drop": args.style_collapse_drop,
+            "collapse_max_images": args.collapse_max_images, "baseline_arm": args.baseline_arm,
             "model": args.model, "pretrained": args.pretrained, "reference_images": args.reference_images,
             "batch_size": args.batch_size, "device": args.device, "out": args.out,
         },
@@ -427,9 +429,13 @@ def _add_clip(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="generation manifest (manifest.jsonl) of the fixed prompt/seed set")
     p.add_argument("--baseline", help="baseline JSON, e.g. results/clip_baseline.json")
     p.add_argument("--update-baseline", action="store_true", help="accept the current numbers as the baseline (overwrites it)")
-    p.add_argument("--tolerance", type=float, help="allowed mean drop in CLIP score, in points (default 0.5)")
-    p.add_argument("--style-tolerance", type=float, help="allowed mean drop in style similarity, in cosine (default 0.005)")
-    p.add_argument("--alpha", type=float, help="level of the one-sided paired Wilcoxon test (default 0.05)")
+    p.add_argument("--tolerance", type=float, help="allowed mean drop in CLIP score per arm and in the arm − base difference, in points (default: the baseline's, else 0.5)")
+    p.add_argument("--style-tolerance", type=float, help="the same for style similarity, in cosine (default: the baseline's, else 0.005)")
+    p.add_argument("--alpha", type=float, help="level of the one-sided paired Wilcoxon tests (default: the baseline's, else 0.05)")
+    p.add_argument("--collapse-drop", type=float, help="an image whose CLIP score drops by more than this has collapsed (default: the baseline's, else 5)")
+    p.add_argument("--style-collapse-drop", type=float, help="the same for style similarity (default: the baseline's, else 0.05)")
+    p.add_argument("--collapse-max-images", type=int, help="more collapsed images than this fails the gate (default: the baseline's, else 2)")
+    p.add_argument("--baseline-arm", help="arm the others' differences are taken against (default: the baseline's, else base)")
     p.add_argument("--out", help="report JSON (default clip_check.json beside the manifest)")
     _add_clip_model_flags(p)
     p.set_defaults(func=_cmd_clip_check)
