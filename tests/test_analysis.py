@@ -20,7 +20,7 @@ from fangzhi.evaluate.power import VarianceComponents, simulate_ratings, simulat
 from fangzhi.evaluate.ratings import read_ratings_file
 from fangzhi.evaluate.reliability import icc2, krippendorff_alpha, reliability_table
 from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm, signed_rank_test
-from fangzhi.evaluate.table import arm_order, paper_table, summary_table, to_csv_frame
+from fangzhi.evaluate.table import arm_order, half_up, paper_table, summary_table, to_csv_frame
 
 HEADER = "rater,arm,prompt,seed,style,match,detail,beauty"
 # Two raters, two image pairs. Image means (style, match, detail, beauty; comprehensive):
@@ -77,6 +77,14 @@ def test_table2_other_units_and_csv(small_csv):
     csv = to_csv_frame(summary_table(ratings, "images", arms), arms).set_index("key")
     assert csv.loc["comprehensive", ["base_mean", "base_sd", "base_n"]].tolist() == [3.0, 0.88, 2]
     assert csv.loc["comprehensive", "lora_sd"] == 0.35
+
+
+def test_table_values_round_half_up():
+    assert half_up(3.05, 1) == "3.1" and half_up(2.625, 2) == "2.63" and half_up(2.675, 2) == "2.68"
+    assert half_up(-0.25, 1) == "-0.3" and half_up(4.0, 2) == "4.00" and half_up(float("nan"), 1) == "–"
+    summary = pd.DataFrame([{"score": s, "arm": "base", "mean": 3.05, "sd": 0.25, "n": 2} for s in ("style", "match", "detail", "beauty")] + [{"score": "comprehensive", "arm": "base", "mean": 2.625, "sd": 0.125, "n": 2}])
+    assert paper_table(summary, ["base"])["base"].tolist() == ["3.1 ± 0.3"] * 4 + ["2.63 ± 0.13"]
+    assert to_csv_frame(summary, ["base"])["base_mean"].tolist() == [3.05] * 4 + [2.63]
 
 
 def test_parquet_and_extra_columns_give_the_same_ratings(small_csv, tmp_path):
@@ -249,7 +257,23 @@ def test_reliability_all_equal_does_not_crash_and_low_alpha_is_flagged():
     assert table["krippendorff_alpha_ordinal"].isna().all() and table["icc2_k"].isna().all()
     assert table["note"].str.contains("undefined").all() and not table["alpha_flag"].any()
     noisy = simulate_ratings(4, 20, 1, seed=1, components=VarianceComponents(rater_sd=0, prompt_sd=0, seed_sd=0, image_sd=0, rater_arm_sd=0, prompt_arm_sd=0, noise_sd=1.2))
-    assert reliability_table(noisy)["alpha_flag"].all()
+    table = reliability_table(noisy)
+    within = table["scope"] != "pooled (all arms)"
+    assert table.loc[within, "alpha_flag"].all() and not table.loc[~within, "alpha_flag"].any()
+
+
+def test_reliability_within_each_arm_is_not_inflated_by_the_arm_difference():
+    # Raters agree poorly within each arm, but the LoRA arm is 2 points higher: pooled alpha looks fine.
+    components = VarianceComponents(base_mean=2.0, rater_sd=0, prompt_sd=0.2, seed_sd=0, image_sd=0.2, rater_arm_sd=0, prompt_arm_sd=0, noise_sd=0.8)
+    ratings = simulate_ratings(4, 30, 1, effect=2.0, seed=2, components=components)
+    table = reliability_table(ratings).set_index(["dimension", "scope"])
+    for arm in ("base", "lora"):
+        units = ratings.loc[ratings["arm"] == arm]
+        by_hand = krippendorff_alpha(units.groupby(["prompt", "seed"]).ngroup().to_numpy(), units["style"].to_numpy())
+        assert table.loc[("style", arm), "krippendorff_alpha_ordinal"] == pytest.approx(by_hand)
+        assert table.loc[("style", arm), "alpha_flag"]
+    pooled = table.loc[("style", "pooled (all arms)")]
+    assert pooled["krippendorff_alpha_ordinal"] > 0.6 and not pooled["alpha_flag"]
 
 
 # --- Simulation and power --------------------------------------------------------------------

@@ -212,9 +212,10 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         f"Rests on {counts['n_raters']} raters, {counts['n_images']} images ({counts['n_prompts']} prompts, arms: {', '.join(arms)}), {counts['n_main_ratings']} ratings.",
         f"QC: {counts['n_attention_failures']} attention-check failures out of {counts['n_attention_items']} items; {counts['n_retest_ratings']} retest ratings; {counts['n_bad_rows_dropped']} bad rows dropped.",
     ]
-    flagged = reliability_rows.loc[reliability_rows["alpha_flag"], "dimension"].tolist()
-    if flagged:
-        facts.append(f"Low agreement (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {', '.join(flagged)}.")
+    flagged = reliability_rows.loc[reliability_rows["alpha_flag"]]
+    if not flagged.empty:
+        where = ", ".join(f"{row.dimension} ({row.scope})" for row in flagged.itertuples())
+        facts.append(f"Low agreement within an arm (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {where}.")
     primary = comparisons.loc[comparisons["primary"]]
     for row in primary.loc[primary["score"] == "comprehensive"].itertuples():
         facts.append(
@@ -238,7 +239,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             mixed_rows[shown],
         ))
     sections += [
-        ("Inter-rater reliability", "Krippendorff's alpha (ordinal) over all images; ICC(2,1) and ICC(2,k) over images every rater scored.", reliability_rows),
+        ("Inter-rater reliability", "Unit: images (raters are the coders). Krippendorff's alpha (ordinal) over the images of each arm, then pooled over arms (labelled; pooling inflates agreement when the arms differ, so only within-arm values are flagged); ICC(2,1) and ICC(2,k) over images every rater scored.", reliability_rows),
     ]
     if retest is not None:
         sections.append(("Test–retest agreement", "A rater's retest rating against their first rating of the same image.", retest))
