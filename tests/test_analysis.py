@@ -460,3 +460,27 @@ def test_power_parameters_are_validated(capsys):
     for argv in (["--raters", "0"], ["--raters", "-2"], ["--noise-sd", "-1"], ["--prompts", "1"], ["--sims", "10"]):
         assert cli_main(["analyze", "power", *argv]) == 2
         assert "invalid configuration" in capsys.readouterr().err
+
+
+def chinese_study() -> pd.DataFrame:
+    ratings = simulate_ratings(3, 6, 1, effect=0.5, seed=3)
+    return ratings.assign(rater=ratings["rater"].map({"r00": "王老师", "r01": "李华", "r02": "张三"}))
+
+
+def test_plots_use_a_cjk_font_when_one_is_installed(tmp_path, recwarn):
+    from fangzhi.evaluate.report import find_cjk_font
+
+    if find_cjk_font() is None:
+        pytest.skip("no CJK font installed on this machine (Debian: fonts-noto-cjk)")
+    analyze(AnalyzeConfig(out=tmp_path / "out", bootstrap=100, mixed_model=False), ratings=chinese_study())
+    assert not [w for w in recwarn if "missing from font" in str(w.message) or "fonts-noto-cjk" in str(w.message)]
+
+
+def test_plots_warn_once_naming_the_package_without_a_cjk_font(tmp_path, monkeypatch, recwarn):
+    from fangzhi.evaluate import report
+
+    monkeypatch.setattr(report, "CJK_FONTS", ("No Such Font",))
+    analyze(AnalyzeConfig(out=tmp_path / "out", bootstrap=100, mixed_model=False), ratings=chinese_study())
+    messages = [str(w.message) for w in recwarn]
+    assert sum("apt install fonts-noto-cjk" in m for m in messages) == 1
+    assert not [m for m in messages if "missing from font" in m]

@@ -159,14 +159,16 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         "arms": arms,
     }
 
-    figures = {
-        "means.png": report.plot_means(summary, arms, table.UNIT_NOTES[config.sd_over], note_suffix),
-        "distributions.png": report.plot_distributions(main, arms, note_suffix),
-        "rater_heatmap.png": report.plot_rater_heatmap(per_rater, arms, note_suffix),
-    }
-    if clip_joined is not None:
-        present = [c for c in CLIP_COLUMNS if c in clip_joined.columns]
-        figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
+    labels = [*arms, *main["rater"].cat.categories, note_suffix or ""]
+    with report.fonts_for(labels):
+        figures = {
+            "means.png": report.plot_means(summary, arms, table.UNIT_NOTES[config.sd_over], note_suffix),
+            "distributions.png": report.plot_distributions(main, arms, note_suffix),
+            "rater_heatmap.png": report.plot_rater_heatmap(per_rater, arms, note_suffix),
+        }
+        if clip_joined is not None:
+            present = [c for c in CLIP_COLUMNS if c in clip_joined.columns]
+            figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
 
     # --- everything computed; now write ---
     out = Path(config.out)
