@@ -26,11 +26,13 @@ def krippendorff_alpha(units: np.ndarray, values: np.ndarray, level: str = "ordi
     Returns NaN when alpha is undefined: fewer than two pairable values, or no variation at all
     (every pairable value equal, so the expected disagreement is zero).
     """
-    unit_codes, units_index = np.unique(units, return_inverse=True)
+    if units.dtype.kind not in "iu" or units.size == 0 or units.min() < 0:
+        units = np.unique(units, return_inverse=True)[1]  # any labels to dense codes; integer codes are used as they are
+    n_units = int(units.max()) + 1 if units.size else 0
     value_index = np.searchsorted(value_domain, values)
-    counts = np.bincount(units_index * len(value_domain) + value_index, minlength=len(unit_codes) * len(value_domain))
-    counts = counts.reshape(len(unit_codes), len(value_domain))
-    pairable = counts[counts.sum(axis=1) >= 2]
+    counts = np.bincount(units * len(value_domain) + value_index, minlength=n_units * len(value_domain))
+    counts = counts.reshape(n_units, len(value_domain))
+    pairable = counts[counts.sum(axis=1) >= 2]  # also drops codes with no rating in this subset
     if pairable.sum() < 2 or np.count_nonzero(pairable.sum(axis=0)) < 2:
         return float("nan")
     return float(krippendorff.alpha(value_counts=pairable, value_domain=value_domain, level_of_measurement=level))

@@ -60,24 +60,34 @@ WILCOXON_NOTE = (
 )
 
 
-def unit_scores(ratings: pd.DataFrame, unit: Unit) -> pd.DataFrame:
-    """One row per (arm, unit) with the four dimension scores and the comprehensive score."""
+def image_means(ratings: pd.DataFrame) -> pd.DataFrame:
+    """Each image's dimension scores averaged over its raters, indexed by (arm, prompt, seed)."""
+    return ratings.groupby(["arm", "prompt", "seed"], sort=False, observed=True)[list(DIMENSION_KEYS)].mean()
+
+
+def unit_scores(ratings: pd.DataFrame, unit: Unit, images: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (arm, unit) with the four dimension scores and the comprehensive score.
+
+    `images` (from `image_means`) saves recomputing the image means when several units are needed.
+    """
     keys = PAIR_KEYS[unit]
     columns = list(DIMENSION_KEYS)
     if unit == "ratings":
         scores = ratings[["arm", *keys, *columns]].astype({d: float for d in columns})
     else:
-        scores = ratings.groupby(["arm", "prompt", "seed"], sort=False, observed=True)[columns].mean()
+        scores = image_means(ratings) if images is None else images
         if unit == "prompts":
             scores = scores.groupby(level=["arm", "prompt"], sort=False, observed=True).mean()
         scores = scores.reset_index()
     return scores.assign(comprehensive=scores[columns].mean(axis=1))
 
 
-def paired_scores(ratings: pd.DataFrame, baseline_arm: str, other_arm: str, unit: Unit) -> tuple[pd.DataFrame, int]:
+def paired_scores(
+    ratings: pd.DataFrame, baseline_arm: str, other_arm: str, unit: Unit, images: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, int]:
     """Pairs of scores with columns `<score>_base`, `<score>_other` per score row; and how many units had no partner."""
     keys = PAIR_KEYS[unit]
-    scores = unit_scores(ratings, unit)
+    scores = unit_scores(ratings, unit, images)
     base = scores.loc[scores["arm"] == baseline_arm].drop(columns="arm").set_index(keys).add_suffix("_base")
     other = scores.loc[scores["arm"] == other_arm].drop(columns="arm").set_index(keys).add_suffix("_other")
     pairs = base.join(other, how="inner")
@@ -213,12 +223,13 @@ def compare_arms(
     `primary` is true on the prompt-level rows: exactly one row per (other arm, score).
     """
     rng = np.random.default_rng(seed)
+    images = image_means(ratings)
     rows = []
     for other_arm in arms:
         if other_arm == baseline_arm:
             continue
         for unit in UNITS:
-            pairs, unpaired = paired_scores(ratings, baseline_arm, other_arm, unit)
+            pairs, unpaired = paired_scores(ratings, baseline_arm, other_arm, unit, images)
             if len(pairs) == 0:
                 continue
             block = []
