@@ -46,7 +46,10 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         command_seconds = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds do not grow when other jobs share the cores, so they compare across busy runs.
+        command_cpu_seconds = child.ru_utime + child.ru_stime
+        peak_mb = child.ru_maxrss / 1024
 
         imports_command = [sys.executable, "-c", "import fangzhi.cli, fangzhi.evaluate.analyze"]
         start = time.perf_counter()
@@ -66,6 +69,7 @@ def main() -> None:
         "design": {"raters": n_raters, "arms": 2, "prompts": n_prompts, "seeds_per_prompt": args.seeds},
         "command": "python -m fangzhi analyze --ratings FILE --out DIR",
         "command_seconds": round(command_seconds, 3),
+        "command_cpu_seconds": round(command_cpu_seconds, 3),
         "command_peak_rss_mb": round(peak_mb),
         "python_start_and_imports_seconds": round(import_seconds, 3),
         "analyze_function_seconds": round(analyze_seconds, 3),
