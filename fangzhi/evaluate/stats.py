@@ -97,11 +97,30 @@ def paired_scores(
 
 def rank_biserial(diff: np.ndarray) -> float:
     """Matched-pairs rank-biserial r = (R+ − R−) / (R+ + R−) over non-zero differences (Kerby 2014)."""
-    nonzero = diff[diff != 0]
-    if nonzero.size == 0:
+    ranks = _signed_ranks(diff)
+    if ranks is None:
         return float("nan")
-    ranks = sps.rankdata(np.abs(nonzero))
-    return float((ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum())
+    n, r_plus, _, _ = ranks
+    total = n * (n + 1) / 2
+    return float((2 * r_plus - total) / total)
+
+
+def _signed_ranks(diff: np.ndarray) -> tuple[int, float, np.ndarray, np.ndarray] | None:
+    """(n non-zero, R+, tie-group sizes, their average ranks) of |diff| without zeros; None when all are zero.
+
+    Ranks are computed over the distinct differences with their counts: a million ratings on a 1–5
+    scale have a few dozen, so one sort of the data is the whole cost.
+    """
+    diff = np.round(np.asarray(diff, dtype=float), TIE_DECIMALS)
+    values, counts = np.unique(diff[diff != 0], return_counts=True)
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    magnitude_of_value = np.unique(np.abs(values), return_inverse=True)[1]
+    tied = np.bincount(magnitude_of_value, weights=counts)  # how many differences share each |value|
+    average_rank = np.cumsum(tied) - (tied - 1) / 2
+    r_plus = float((counts * average_rank[magnitude_of_value])[values > 0].sum())
+    return n, r_plus, tied, average_rank
 
 
 @lru_cache(maxsize=4096)
@@ -123,23 +142,19 @@ def signed_rank_test(diff: np.ndarray) -> tuple[float, float]:
     exhaustive permutation test with ties); beyond, from the tie-corrected normal approximation.
     NaN, NaN when every difference is zero. The power simulation calls this same function.
     """
-    diff = np.round(diff, TIE_DECIMALS)
-    nonzero = diff[diff != 0]
-    n = nonzero.size
-    if n == 0:
+    ranks = _signed_ranks(diff)
+    if ranks is None:
         return float("nan"), float("nan")
-    ranks = sps.rankdata(np.abs(nonzero))
-    r_plus = float(ranks[nonzero > 0].sum())
+    n, r_plus, tied, average_rank = ranks
     total = n * (n + 1) / 2
     statistic = min(r_plus, total - r_plus)
     if n <= EXACT_MAX_PAIRS:
-        doubled = np.rint(2 * ranks).astype(np.int64)
-        null = _signed_rank_null(tuple(sorted(doubled.tolist())))
+        doubled = np.repeat(np.rint(2 * average_rank).astype(np.int64), tied.astype(np.int64))
+        null = _signed_rank_null(tuple(doubled.tolist()))
         observed = int(round(2 * r_plus))
         tail = min(null[: observed + 1].sum(), null[observed:].sum())
         return statistic, float(min(1.0, 2 * tail))
-    _, tie_counts = np.unique(ranks, return_counts=True)
-    variance = n * (n + 1) * (2 * n + 1) / 24 - (tie_counts**3 - tie_counts).sum() / 48
+    variance = n * (n + 1) * (2 * n + 1) / 24 - (tied**3 - tied).sum() / 48
     z = (r_plus - total / 2) / np.sqrt(variance)
     return statistic, float(min(1.0, 2 * special.ndtr(-abs(z))))
 
