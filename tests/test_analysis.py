@@ -325,7 +325,7 @@ def test_analyze_end_to_end_with_qc_and_clip(tmp_path):
     clip.to_csv(tmp_path / "clip_scores.csv", index=False)
     config = AnalyzeConfig(out=tmp_path / "out", clip=tmp_path / "clip_scores.csv", bootstrap=200, title_note="simulated")
     out = analyze(config, ratings=frame)
-    for name in ["table2.md", "table2.csv", "table2.tex", "comparisons.csv", "reliability.csv", "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png", "report.html"]:
+    for name in ["table2.md", "table2.csv", "table2.tex", "comparisons.csv", "mixed_model.csv", "reliability.csv", "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png", "report.html"]:
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["counts"]["n_raters"] == 3 and results["counts"]["n_images"] == 12
@@ -335,6 +335,10 @@ def test_analyze_end_to_end_with_qc_and_clip(tmp_path):
     primary = [row for row in results["comparisons"] if row["primary"]]
     assert [row["score"] for row in primary] == ["style", "match", "detail", "beauty", "comprehensive"]
     assert {row["unit"] for row in primary} == {"prompts"} and primary[0]["n_pairs"] == 6
+    mixed_rows = results["mixed_model"]
+    assert [row["score"] for row in mixed_rows] == ["style", "match", "detail", "beauty"] and all(row["fitted"] for row in mixed_rows)
+    assert all(row["ci95_low"] < row["arm_effect"] < row["ci95_high"] for row in mixed_rows)
+    assert all("seed within prompt left out: one seed per prompt" in row["simplified"] for row in mixed_rows)
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "(simulated)" in html and "3 raters" in html and "1 attention-check failures" in html
     embedded = html.split("data:image/png;base64,")[1].split("'")[0]

@@ -111,3 +111,11 @@ def test_mixed_model_hand_checked_balanced_example():
     fit = fit_crossed(pd.DataFrame(rows, columns=["rater", "arm", "prompt", "seed", "y"]), "y", "base", "lora")
     assert fit.fitted and "seed" not in fit.terms
     assert fit.arm_effect == pytest.approx(2.0, abs=1e-6) and fit.intercept == pytest.approx(1.5, abs=1e-6)
+
+
+def test_mixed_model_says_why_it_was_not_fitted_on_a_very_large_design():
+    from fangzhi.evaluate.mixed import MAX_RANDOM_LEVELS, mixed_table
+
+    ratings = simulate_ratings(2, 10, 100, seed=0)  # 2 × (10 prompts × 100 seeds) images: over the dense limit
+    table = mixed_table(ratings, "base", ["base", "lora"], ["style"])
+    assert not table["fitted"].iloc[0] and f"more than {MAX_RANDOM_LEVELS}" in table["note"].iloc[0]

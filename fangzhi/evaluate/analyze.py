@@ -198,7 +198,8 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             "comparisons": comparisons,
             "test_note": stats.WILCOXON_NOTE,
             "mixed_model": mixed_rows,
-            "mixed_model_note": mixed.__doc__.split("\n\n", 1)[0] if mixed_rows is not None else None,
+            "mixed_model_formula": mixed.FORMULA if mixed_rows is not None else None,
+            "mixed_model_note": mixed.APPROXIMATION_NOTE if mixed_rows is not None else None,
             "reliability": reliability_rows,
             "retest": retest,
             "attention": attention,
@@ -236,22 +237,21 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         shown = ["arm", "score", "fitted", "n_ratings", "arm_effect", "ci95_low", "ci95_high", "p", *[f"sd_{t}" for t in (*mixed.TERMS, "residual")], "simplified"]
         sections.append((
             "Crossed mixed model (unit: individual ratings, raters and prompts as random factors)",
-            "score ~ arm + (1 + arm | rater) + (1 + arm | prompt) + (1 | prompt:seed) + (1 | image), per dimension, REML. "
-            + mixed.APPROXIMATION_NOTE + " SD CIs are in mixed_model.csv.",
+            f"Per dimension: {mixed.FORMULA}. {mixed.APPROXIMATION_NOTE} SD CIs are in mixed_model.csv.",
             mixed_rows[shown],
         ))
     sections += [
         ("Inter-rater reliability", "Unit: images (raters are the coders). Krippendorff's alpha (ordinal) over the images of each arm, then pooled over arms (labelled; pooling inflates agreement when the arms differ, so only within-arm values are flagged); ICC(2,1) and ICC(2,k) over images every rater scored.", reliability_rows),
     ]
     if retest is not None:
-        sections.append(("Test–retest agreement", "A rater's retest rating against their first rating of the same image.", retest))
+        sections.append(("Test–retest agreement", "Unit: a retest rating paired with the same rater's first rating of that image.", retest))
     if attention is not None:
-        sections.append(("Attention checks", "An item fails when its style score differs from the score the instructions asked for.", attention))
+        sections.append(("Attention checks", "Unit: attention-check items, counted per rater. An item fails when its style score differs from the score the instructions asked for.", attention))
     if clip_rho is not None:
-        sections.append(("CLIP vs human", "Spearman correlation over images of CLIP numbers with the rater-averaged human scores.", clip_rho))
-    sections.append(("Per rater", "Mean score per rater and arm.", per_rater))
+        sections.append(("CLIP vs human", "Unit: images. Spearman correlation of CLIP numbers with the rater-averaged human scores.", clip_rho))
+    sections.append(("Per rater", "Unit: individual ratings. Mean score per rater and arm.", per_rater))
     if per_prompt["prompt"].nunique() <= 200:
-        sections.append(("Per prompt", "Mean score per prompt and arm.", per_prompt))
+        sections.append(("Per prompt", "Unit: individual ratings. Mean score per prompt and arm.", per_prompt))
     else:
         sections.append(("Per prompt", "Too many prompts to show here; see per_prompt.csv.", None))
     report.write_html(out / "report.html", report.titled("Human ratings analysis", note_suffix), facts, title, paper, note, sections, figures)

@@ -32,6 +32,7 @@ TERM_LABELS: dict[str, str] = {
     "rater": "rater intercept", "prompt": "prompt intercept", "seed": "seed within prompt", "image": "image",
     "prompt_arm": "prompt × arm slope", "rater_arm": "rater × arm slope", "residual": "residual",
 }
+FORMULA = "score ~ arm + (1 + arm | rater) + (1 + arm | prompt) + (1 | prompt:seed) + (1 | image), slopes uncorrelated with intercepts, REML"
 MAX_RANDOM_LEVELS = 1500  # dense q × q Cholesky per deviance evaluation; beyond this the fit takes minutes
 APPROXIMATION_NOTE = (
     "Linear mixed model on 1–5 scores: an approximation for ordinal data. Random slopes uncorrelated with intercepts; "
