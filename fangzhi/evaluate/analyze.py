@@ -229,7 +229,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         ("Paired comparisons: primary (unit: prompts)", f"Unit: {stats.UNIT_NOTES['prompts']}. {stats.WILCOXON_NOTE}", primary),
         (
             "Paired comparisons: secondary (units: images, ratings)",
-            f"Unit images: {stats.UNIT_NOTES['images']}. Unit ratings: {stats.UNIT_NOTES['ratings']}. Descriptive; the headline is the primary table.",
+            f"Units: {stats.UNIT_NOTES['images']}; {stats.UNIT_NOTES['ratings']}. Descriptive; the headline is the primary table.",
             comparisons.loc[~comparisons["primary"]],
         ),
     ]

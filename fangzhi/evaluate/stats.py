@@ -34,9 +34,9 @@ PRIMARY_UNIT: Unit = "prompts"
 UNITS: tuple[Unit, ...] = ("prompts", "images", "ratings")
 PAIR_KEYS: dict[str, list[str]] = {"prompts": ["prompt"], "images": ["prompt", "seed"], "ratings": ["rater", "prompt", "seed"]}
 UNIT_NOTES: dict[str, str] = {
-    "prompts": "primary; one pair per prompt: seeds and raters averaged within prompt and arm",
-    "images": "secondary; one pair per (prompt, seed), raters averaged; seeds of a prompt are not independent",
-    "ratings": "secondary; one pair per rater × (prompt, seed); neither raters nor prompts are independent units",
+    "prompts": "prompts (primary): one pair per prompt, seeds and raters averaged within prompt and arm",
+    "images": "images (secondary): one pair per (prompt, seed), raters averaged; the seeds of a prompt are not independent",
+    "ratings": "ratings (secondary): one pair per rater × (prompt, seed); neither raters nor prompts are independent units",
 }
 # Up to this many non-zero differences the signed-rank p-value is exact (the full permutation
 # distribution of the statistic given the observed ranks, ties included); beyond it the
@@ -48,7 +48,6 @@ TIE_DECIMALS = 9
 # A multinomial count costs about twice an index draw plus its gather (measured with numpy 2.4).
 BOOTSTRAP_INDEX_COST = 2
 WILCOXON_NOTE = (
-    "Primary unit: prompts (each prompt's score per arm is the mean over its seeds of the raters' mean). "
     "Wilcoxon signed-rank test, two-sided: pairs with zero difference are dropped, tied |differences| get "
     f"average ranks; p is exact (the permutation distribution of the statistic given those ranks) for ≤ {EXACT_MAX_PAIRS} "
     "non-zero pairs, otherwise the tie-corrected normal approximation without continuity correction. "
