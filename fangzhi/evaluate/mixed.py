@@ -33,6 +33,7 @@ TERM_LABELS: dict[str, str] = {
     "prompt_arm": "prompt × arm slope", "rater_arm": "rater × arm slope", "residual": "residual",
 }
 FORMULA = "score ~ arm + (1 + arm | rater) + (1 + arm | prompt) + (1 | prompt:seed) + (1 | image), slopes uncorrelated with intercepts, REML"
+Z95 = float(special.ndtri(0.975))
 MAX_RANDOM_LEVELS = 1500  # dense q × q Cholesky per deviance evaluation; beyond this the fit takes minutes
 APPROXIMATION_NOTE = (
     "Linear mixed model on 1–5 scores: an approximation for ordinal data. Random slopes uncorrelated with intercepts; "
@@ -122,7 +123,10 @@ class _Reml:
         return log_a, log_x, r2, beta, linalg.cho_solve((R, True), np.eye(self.p))
 
     def profiled(self, theta: np.ndarray) -> float:
-        log_a, log_x, r2, _, _ = self.solve(theta)
+        try:
+            log_a, log_x, r2, _, _ = self.solve(theta)
+        except linalg.LinAlgError:  # a step far outside the data's support: tell the optimiser it is worse
+            return np.inf
         dof = self.n - self.p
         return log_a + log_x + dof * (1 + np.log(2 * np.pi * r2 / dof))
 
@@ -189,14 +193,16 @@ def _fit_crossed(ratings: pd.DataFrame, score: str, baseline_arm: str, other_arm
     at_zero = [TERM_LABELS[name] for name in names if sds[name] < 1e-4 * sigma]
     if at_zero:
         simplified.append(f"estimated at zero (singular fit; equivalent to leaving out): {', '.join(at_zero)}")
+    if not converged:
+        simplified.append(f"the simplest model tried did not converge either ({result.message}); the estimates are the optimiser's last point")
     return MixedFit(
         True,
         APPROXIMATION_NOTE,
         n_ratings=len(y),
         arm_effect=effect,
         se=se,
-        ci95_low=effect - 1.959963984540054 * se,
-        ci95_high=effect + 1.959963984540054 * se,
+        ci95_low=effect - Z95 * se,
+        ci95_high=effect + Z95 * se,
         p=float(2 * special.ndtr(-abs(effect / se))) if se > 0 else float("nan"),
         intercept=float(beta[0]),
         sd=sds,
@@ -227,7 +233,7 @@ def _sd_intervals(model: _Reml, sds: np.ndarray, names: list[str]) -> dict[str, 
     for k, i in enumerate(index):
         variance = covariance[k, k]
         if np.isfinite(variance) and variance > 0:
-            half = 1.959963984540054 * np.sqrt(variance)
+            half = Z95 * np.sqrt(variance)
             intervals[names[i]] = (float(max(sds[i] - half, 0.0)), float(sds[i] + half))
     return intervals
 

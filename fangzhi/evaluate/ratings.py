@@ -10,6 +10,7 @@ Validation is vectorized (one boolean mask per rule) so a million rows take well
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ KINDS: tuple[str, ...] = ("main", "retest", "attention")
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # signed int64 and unsigned uint64 together
 INT64_MAX = 2**63 - 1
 FLOAT_EXACT_MAX = 2**53  # above this a float64 no longer holds every integer
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass
@@ -245,7 +247,7 @@ def _one_seed(value: object) -> tuple[int | None, str]:
         text = str(value).strip()
         if not text:
             return None, "empty"
-        if not (text.lstrip("+-").isdigit() and text.count("-") + text.count("+") <= 1 and text[0] in "+-0123456789"):
+        if not INTEGER_TEXT.fullmatch(text):
             return None, "must be an integer"
         number = int(text)
     if not SEED_MIN <= number <= SEED_MAX:
