@@ -357,8 +357,8 @@ def test_cli_prints_table_and_reports_bad_file(tmp_path, small_csv, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_analyze_reads_a_rating_study_db(tmp_path):
-    """A real study DB built through the rating app's own creation and save paths."""
+def rated_study_db(tmp_path):
+    """A real study DB built through the rating app's own creation and save paths; ann fails her attention check."""
     sample = pytest.importorskip("fangzhi.rating_app.sample")
     from fangzhi.rating_app import store, study
 
@@ -370,19 +370,32 @@ def test_analyze_reads_a_rating_study_db(tmp_path):
     rows = []
     for item in items.itertuples():
         scores = {d: int(rng.integers(1, 6)) for d in ("style", "match", "detail", "beauty")}
-        if item.kind == "attention" and item.rater != "ann":  # ann fails her attention check
+        if item.kind == "attention" and item.rater != "ann":
             scores["style"] = int(item.expected)
         elif item.kind == "attention":
             scores["style"] = int(item.expected) % 5 + 1
         rows.append({"rater": item.rater, "position": item.position, **scores})
     store.add_ratings(db, rows)
+    return db, items
 
+
+def test_analyze_reads_a_rating_study_db(tmp_path):
+    db, items = rated_study_db(tmp_path)
     out = analyze(AnalyzeConfig(db=db, out=tmp_path / "out", bootstrap=200))
     counts = json.loads((out / "results.json").read_text(encoding="utf-8"))["counts"]
     n_main = int((items["kind"] == "main").sum())
     assert counts["n_main_ratings"] == n_main and counts["n_raters"] == 3
     assert counts["n_attention_items"] == 3 and counts["n_attention_failures"] == 1
     assert counts["n_retest_ratings"] == 3
+
+
+def test_power_estimates_components_from_a_study_db(tmp_path, capsys):
+    db, _ = rated_study_db(tmp_path)
+    assert cli_main(["analyze", "power", "--db", str(db), "--raters", "2", "--prompts", "8", "--sims", "50", "--out", str(tmp_path / "pw")]) == 0
+    assert f"estimated from {db} by the crossed mixed model" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "pw" / "power.json").read_text(encoding="utf-8"))
+    assert set(saved["components"]) == {"style", "match", "detail", "beauty"}
+    assert all(c["noise_sd"] > 0 for c in saved["components"].values())
 
 
 def test_cli_power_with_given_components(tmp_path, capsys):
