@@ -64,7 +64,7 @@ class PowerConfig(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> "PowerConfig":
         if self.from_db is not None and self.from_ratings is not None:
-            raise ValueError("give either from_db or from_ratings, not both")
+            raise ValueError("give either --db (from_db) or --from-ratings (from_ratings), not both")
         return self
 
 
