@@ -159,7 +159,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         "arms": arms,
     }
 
-    labels = [*arms, *main["rater"].cat.categories, note_suffix or ""]
+    labels = [*arms, *main["rater"].unique(), note_suffix or ""]
     with report.fonts_for(labels):
         figures = {
             "means.png": report.plot_means(summary, arms, table.UNIT_NOTES[config.sd_over], note_suffix),
