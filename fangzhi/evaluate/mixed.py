@@ -251,7 +251,10 @@ def mixed_table(ratings: pd.DataFrame, baseline_arm: str, arms: list[str], score
             if levels > MAX_RANDOM_LEVELS:
                 fit = MixedFit(False, f"not fitted: about {levels} random-effect levels (more than {MAX_RANDOM_LEVELS}; the dense fit would take minutes). The prompt-level test stands.", n_ratings=len(ratings))
             else:
-                fit = fit_crossed(ratings, score, baseline_arm, other_arm)
+                try:
+                    fit = fit_crossed(ratings, score, baseline_arm, other_arm)
+                except (linalg.LinAlgError, ValueError) as exc:  # e.g. a singular design: the rest of the report stands
+                    fit = MixedFit(False, f"not fitted: {exc}", n_ratings=len(ratings))
             row = {
                 "arm": other_arm, "baseline": baseline_arm, "score": score, "fitted": fit.fitted, "n_ratings": fit.n_ratings,
                 "arm_effect": fit.arm_effect, "se": fit.se, "ci95_low": fit.ci95_low, "ci95_high": fit.ci95_high, "p": fit.p,
