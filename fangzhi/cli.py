@@ -79,6 +79,13 @@ _int_list = _comma_list(int, "2,4,6")
 _float_list = _comma_list(float, "0.5,1")
 
 
+def _arm_alias(text: str) -> tuple[str, str]:
+    source, sep, target = text.partition("=")
+    if not sep or not source.strip() or not target.strip():
+        raise argparse.ArgumentTypeError(f"expected FROM=TO such as LoRA=lora, got '{text}'")
+    return source.strip(), target.strip()
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from fangzhi.config import load_config
 
@@ -89,10 +96,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             PowerConfig,
             args.config,
             {
-                "from_ratings": args.from_ratings, "baseline_arm": args.baseline_arm, "diff": args.diff,
+                "from_ratings": args.from_ratings, "from_db": args.db, "baseline_arm": args.baseline_arm, "diff": args.diff,
                 "power": args.power, "alpha": args.alpha, "raters": args.raters, "prompts": args.prompts,
                 "seeds_per_prompt": args.seeds_per_prompt, "sims": args.sims, "seed": args.seed, "out": args.out,
-                **{f"components.{name}": getattr(args, name) for name in ("base_mean", "rater_sd", "pair_sd", "image_sd", "noise_sd")},
+                **{f"components.{name}": getattr(args, name) for name in POWER_COMPONENT_FLAGS},
             },
         )
         print(run_power(config)[2])
@@ -110,6 +117,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             "drop_bad_rows": args.drop_bad_rows or None, "include_revoked": args.include_revoked or None,
             "exclude_failed_attention": args.exclude_failed_attention, "clip": args.clip, "baseline_arm": args.baseline_arm,
             "bootstrap": args.bootstrap, "seed": args.seed, "title_note": args.title_note,
+            "arm_alias": dict(args.arm_alias) if args.arm_alias else None, "mixed_model": False if args.no_mixed_model else None,
         },
     )
     import warnings
@@ -122,6 +130,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print((out / "table2.md").read_text(encoding="utf-8"))
     print(f"wrote {out}")
     return 0
+
+
+POWER_COMPONENT_FLAGS: dict[str, str] = {
+    "base_mean": "baseline mean score (default 3.2)",
+    "rater_sd": "SD of rater leniency (default 0.4)",
+    "prompt_sd": "SD of the prompt effect shared by both arms (default 0.4)",
+    "seed_sd": "SD of the seed effect within a prompt, shared by both arms (default 0.3)",
+    "image_sd": "SD of the image's own effect, shared by its raters (default 0.3)",
+    "rater_arm_sd": "SD of a rater's own LoRA − base difference (default 0.1)",
+    "prompt_arm_sd": "SD of a prompt's own LoRA − base difference (default 0.2)",
+    "noise_sd": "SD of per-rating noise (default 0.7)",
+}
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -138,23 +158,22 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-failed-attention", type=int, metavar="N", help="leave out raters with N or more failed attention checks (default: keep everyone)")
     p.add_argument("--clip", help="clip_scores.csv from the CLIP scorer, for CLIP vs human correlations and scatter")
     p.add_argument("--baseline-arm", help="arm the others are compared against (default base)")
+    p.add_argument("--arm-alias", action="append", type=_arm_alias, metavar="FROM=TO", help="read arm FROM as arm TO, e.g. LoRA=lora (repeatable)")
+    p.add_argument("--no-mixed-model", action="store_true", help="skip the crossed mixed model (the prompt-level tests stay)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% CI of the mean difference (default 10000)")
     p.add_argument("--seed", type=int, help="random seed for the bootstrap / simulation (default 0)")
     p.add_argument("--title-note", help="added to every title, e.g. 'simulated'")
     power = p.add_argument_group("power (with 'analyze power')")
-    power.add_argument("--from-ratings", help="estimate variance components from this wide ratings file")
+    power.add_argument("--from-ratings", help="estimate the SDs below from this wide ratings file (or from --db) with the crossed mixed model")
     power.add_argument("--diff", type=float, help="mean score difference to detect (default 0.3)")
     power.add_argument("--power", type=float, help="target power (default 0.8)")
     power.add_argument("--alpha", type=float, help="significance level (default 0.05)")
-    power.add_argument("--raters", type=_int_list, help="rater counts to try, e.g. 2,4,6")
-    power.add_argument("--prompts", type=_int_list, help="prompt counts to try, e.g. 8,16,32")
+    power.add_argument("--raters", type=_int_list, help="rater counts to try, e.g. 2,4,6 (each ≥ 1)")
+    power.add_argument("--prompts", type=_int_list, help="prompt counts to try, e.g. 8,16,32 (each ≥ 2; the prompt is the test's unit)")
     power.add_argument("--seeds-per-prompt", type=int, help="images per prompt and arm (default 1)")
     power.add_argument("--sims", type=int, help="simulated studies per design (default 500)")
-    power.add_argument("--base-mean", type=float, help="without --from-ratings: baseline mean score (default 3.2)")
-    power.add_argument("--rater-sd", type=float, help="without --from-ratings: SD of rater leniency (default 0.4)")
-    power.add_argument("--pair-sd", type=float, help="without --from-ratings: SD of the prompt × seed effect shared by both arms (default 0.5)")
-    power.add_argument("--image-sd", type=float, help="without --from-ratings: SD of the image's own effect (default 0.3)")
-    power.add_argument("--noise-sd", type=float, help="without --from-ratings: SD of per-rating noise (default 0.7)")
+    for name, text in POWER_COMPONENT_FLAGS.items():
+        power.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"without --from-ratings/--db: {text}")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -384,6 +403,8 @@ def _cmd_clip_check(args: argparse.Namespace) -> int:
         {
             "images": args.images, "baseline": args.baseline, "update_baseline": args.update_baseline or None,
             "tolerance": args.tolerance, "style_tolerance": args.style_tolerance, "alpha": args.alpha,
+            "collapse_drop": args.collapse_drop, "style_collapse_drop": args.style_collapse_drop,
+            "collapse_max_images": args.collapse_max_images, "baseline_arm": args.baseline_arm,
             "model": args.model, "pretrained": args.pretrained, "reference_images": args.reference_images,
             "batch_size": args.batch_size, "device": args.device, "out": args.out,
         },
@@ -411,9 +432,13 @@ def _add_clip(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="generation manifest (manifest.jsonl) of the fixed prompt/seed set")
     p.add_argument("--baseline", help="baseline JSON, e.g. results/clip_baseline.json")
     p.add_argument("--update-baseline", action="store_true", help="accept the current numbers as the baseline (overwrites it)")
-    p.add_argument("--tolerance", type=float, help="allowed mean drop in CLIP score, in points (default 0.5)")
-    p.add_argument("--style-tolerance", type=float, help="allowed mean drop in style similarity, in cosine (default 0.005)")
-    p.add_argument("--alpha", type=float, help="level of the one-sided paired Wilcoxon test (default 0.05)")
+    p.add_argument("--tolerance", type=float, help="allowed mean drop in CLIP score per arm and in the arm − base difference, in points (default: the baseline's, else 0.5)")
+    p.add_argument("--style-tolerance", type=float, help="the same for style similarity, in cosine (default: the baseline's, else 0.005)")
+    p.add_argument("--alpha", type=float, help="level of the one-sided paired Wilcoxon tests (default: the baseline's, else 0.05)")
+    p.add_argument("--collapse-drop", type=float, help="an image whose CLIP score drops by more than this has collapsed (default: the baseline's, else 5)")
+    p.add_argument("--style-collapse-drop", type=float, help="the same for style similarity (default: the baseline's, else 0.05)")
+    p.add_argument("--collapse-max-images", type=int, help="more collapsed images than this fails the gate (default: the baseline's, else 2)")
+    p.add_argument("--baseline-arm", help="arm the others' differences are taken against (default: the baseline's, else base)")
     p.add_argument("--out", help="report JSON (default clip_check.json beside the manifest)")
     _add_clip_model_flags(p)
     p.set_defaults(func=_cmd_clip_check)

@@ -19,8 +19,8 @@ from fangzhi.evaluate.analyze import AnalyzeConfig, PowerConfig, analyze, run_po
 from fangzhi.evaluate.power import VarianceComponents, simulate_ratings, simulated_power
 from fangzhi.evaluate.ratings import read_ratings_file
 from fangzhi.evaluate.reliability import icc2, krippendorff_alpha, reliability_table
-from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm
-from fangzhi.evaluate.table import arm_order, paper_table, summary_table, to_csv_frame
+from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm, signed_rank_test
+from fangzhi.evaluate.table import arm_order, half_up, paper_table, summary_table, to_csv_frame
 
 HEADER = "rater,arm,prompt,seed,style,match,detail,beauty"
 # Two raters, two image pairs. Image means (style, match, detail, beauty; comprehensive):
@@ -77,6 +77,14 @@ def test_table2_other_units_and_csv(small_csv):
     csv = to_csv_frame(summary_table(ratings, "images", arms), arms).set_index("key")
     assert csv.loc["comprehensive", ["base_mean", "base_sd", "base_n"]].tolist() == [3.0, 0.88, 2]
     assert csv.loc["comprehensive", "lora_sd"] == 0.35
+
+
+def test_table_values_round_half_up():
+    assert half_up(3.05, 1) == "3.1" and half_up(2.625, 2) == "2.63" and half_up(2.675, 2) == "2.68"
+    assert half_up(-0.25, 1) == "-0.3" and half_up(4.0, 2) == "4.00" and half_up(float("nan"), 1) == "–"
+    summary = pd.DataFrame([{"score": s, "arm": "base", "mean": 3.05, "sd": 0.25, "n": 2} for s in ("style", "match", "detail", "beauty")] + [{"score": "comprehensive", "arm": "base", "mean": 2.625, "sd": 0.125, "n": 2}])
+    assert paper_table(summary, ["base"])["base"].tolist() == ["3.1 ± 0.3"] * 4 + ["2.63 ± 0.13"]
+    assert to_csv_frame(summary, ["base"])["base_mean"].tolist() == [3.05] * 4 + [2.63]
 
 
 def test_parquet_and_extra_columns_give_the_same_ratings(small_csv, tmp_path):
@@ -156,12 +164,11 @@ def paired_sample(n=30, seed=1):
 
 
 def test_paired_tests_equal_scipy_and_pingouin():
-    base, other = paired_sample()
+    base, other = paired_sample(n=12)  # ties and zeros among 12 pairs: scipy's exhaustive permutation test
     result = compare_pair(base, other, n_boot=2000, rng=np.random.default_rng(0))
     wilcoxon = sps.wilcoxon(other, base, zero_method="wilcox")
     assert result["wilcoxon_W"] == wilcoxon.statistic and result["wilcoxon_p"] == pytest.approx(wilcoxon.pvalue)
-    pg_w = pg.wilcoxon(other, base, correction=False)  # pingouin defaults to a continuity correction; scipy does not
-    assert result["wilcoxon_p"] == pytest.approx(pg_w["p_val"].iloc[0])
+    pg_w = pg.wilcoxon(other, base)
     assert result["rank_biserial"] == pytest.approx(pg_w["RBC"].iloc[0])
     ttest = sps.ttest_rel(other, base)
     assert result["t"] == pytest.approx(ttest.statistic) and result["t_p"] == pytest.approx(ttest.pvalue)
@@ -170,6 +177,19 @@ def test_paired_tests_equal_scipy_and_pingouin():
     # Cohen's dz is t / sqrt(n) for the paired t-test.
     assert result["cohens_dz"] == pytest.approx(ttest.statistic / math.sqrt(len(base)))
     assert result["ci95_low"] < result["mean_diff"] < result["ci95_high"]
+
+
+@pytest.mark.parametrize("n", [5, 9, 20, 50])
+def test_signed_rank_is_scipys_exact_test_without_ties(n):
+    diff = np.random.default_rng(n).normal(0.4, 1, n)
+    assert signed_rank_test(diff)[1] == pytest.approx(sps.wilcoxon(diff, method="exact").pvalue, rel=1e-9)
+
+
+def test_signed_rank_beyond_the_exact_range_is_the_tie_corrected_normal_approximation():
+    base, other = paired_sample(n=80)
+    expected = sps.wilcoxon(other, base, method="asymptotic", correction=False)
+    assert signed_rank_test(other - base) == pytest.approx((expected.statistic, expected.pvalue))
+    assert signed_rank_test(other - base)[1] == pytest.approx(pg.wilcoxon(other, base, correction=False)["p_val"].iloc[0])
 
 
 def test_rank_biserial_hand_example_and_all_tied_pairs():
@@ -236,8 +256,24 @@ def test_reliability_all_equal_does_not_crash_and_low_alpha_is_flagged():
     table = reliability_table(same)
     assert table["krippendorff_alpha_ordinal"].isna().all() and table["icc2_k"].isna().all()
     assert table["note"].str.contains("undefined").all() and not table["alpha_flag"].any()
-    noisy = simulate_ratings(4, 20, 1, seed=1, components=VarianceComponents(rater_sd=0, pair_sd=0, image_sd=0, noise_sd=1.2))
-    assert reliability_table(noisy)["alpha_flag"].all()
+    noisy = simulate_ratings(4, 20, 1, seed=1, components=VarianceComponents(rater_sd=0, prompt_sd=0, seed_sd=0, image_sd=0, rater_arm_sd=0, prompt_arm_sd=0, noise_sd=1.2))
+    table = reliability_table(noisy)
+    within = table["scope"] != "pooled (all arms)"
+    assert table.loc[within, "alpha_flag"].all() and not table.loc[~within, "alpha_flag"].any()
+
+
+def test_reliability_within_each_arm_is_not_inflated_by_the_arm_difference():
+    # Raters agree poorly within each arm, but the LoRA arm is 2 points higher: pooled alpha looks fine.
+    components = VarianceComponents(base_mean=2.0, rater_sd=0, prompt_sd=0.2, seed_sd=0, image_sd=0.2, rater_arm_sd=0, prompt_arm_sd=0, noise_sd=0.8)
+    ratings = simulate_ratings(4, 30, 1, effect=2.0, seed=2, components=components)
+    table = reliability_table(ratings).set_index(["dimension", "scope"])
+    for arm in ("base", "lora"):
+        units = ratings.loc[ratings["arm"] == arm]
+        by_hand = krippendorff_alpha(units.groupby(["prompt", "seed"]).ngroup().to_numpy(), units["style"].to_numpy())
+        assert table.loc[("style", arm), "krippendorff_alpha_ordinal"] == pytest.approx(by_hand)
+        assert table.loc[("style", arm), "alpha_flag"]
+    pooled = table.loc[("style", "pooled (all arms)")]
+    assert pooled["krippendorff_alpha_ordinal"] > 0.6 and not pooled["alpha_flag"]
 
 
 # --- Simulation and power --------------------------------------------------------------------
@@ -269,6 +305,13 @@ def test_run_power_from_ratings(tmp_path):
     assert (wide[32] >= wide[8] - 0.1).all()
 
 
+def test_run_power_from_ratings_without_the_baseline_arm_names_the_arms_found(tmp_path):
+    path = tmp_path / "sim.csv"
+    simulate_ratings(4, 12, 1, effect=0.5, seed=4).to_csv(path, index=False)
+    with pytest.raises(FangzhiError, match="baseline arm 'sdxl'.*arms found: base, lora"):
+        run_power(PowerConfig(from_ratings=path, baseline_arm="sdxl", raters=[2], prompts=[8], sims=50, out=tmp_path / "power"))
+
+
 # --- End to end ------------------------------------------------------------------------------
 
 
@@ -290,13 +333,20 @@ def test_analyze_end_to_end_with_qc_and_clip(tmp_path):
     clip.to_csv(tmp_path / "clip_scores.csv", index=False)
     config = AnalyzeConfig(out=tmp_path / "out", clip=tmp_path / "clip_scores.csv", bootstrap=200, title_note="simulated")
     out = analyze(config, ratings=frame)
-    for name in ["table2.md", "table2.csv", "table2.tex", "comparisons.csv", "reliability.csv", "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png", "report.html"]:
+    for name in ["table2.md", "table2.csv", "table2.tex", "comparisons.csv", "mixed_model.csv", "reliability.csv", "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png", "report.html"]:
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["counts"]["n_raters"] == 3 and results["counts"]["n_images"] == 12
     assert results["counts"]["n_attention_failures"] == 1 and results["counts"]["n_retest_ratings"] == 1
     assert results["retest"][0]["exact_agreement"] == 1.0
-    assert len(results["comparisons"]) == 2 * 5 and len(results["clip_spearman"]) == 2 * 5
+    assert len(results["comparisons"]) == 3 * 5 and len(results["clip_spearman"]) == 2 * 5
+    primary = [row for row in results["comparisons"] if row["primary"]]
+    assert [row["score"] for row in primary] == ["style", "match", "detail", "beauty", "comprehensive"]
+    assert {row["unit"] for row in primary} == {"prompts"} and primary[0]["n_pairs"] == 6
+    mixed_rows = results["mixed_model"]
+    assert [row["score"] for row in mixed_rows] == ["style", "match", "detail", "beauty"] and all(row["fitted"] for row in mixed_rows)
+    assert all(row["ci95_low"] < row["arm_effect"] < row["ci95_high"] for row in mixed_rows)
+    assert all("seed within prompt left out: one seed per prompt" in row["simplified"] for row in mixed_rows)
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "(simulated)" in html and "3 raters" in html and "1 attention-check failures" in html
     embedded = html.split("data:image/png;base64,")[1].split("'")[0]
@@ -315,8 +365,8 @@ def test_cli_prints_table_and_reports_bad_file(tmp_path, small_csv, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_analyze_reads_a_rating_study_db(tmp_path):
-    """A real study DB built through the rating app's own creation and save paths."""
+def rated_study_db(tmp_path):
+    """A real study DB built through the rating app's own creation and save paths; ann fails her attention check."""
     sample = pytest.importorskip("fangzhi.rating_app.sample")
     from fangzhi.rating_app import store, study
 
@@ -334,7 +384,11 @@ def test_analyze_reads_a_rating_study_db(tmp_path):
                 scores["beauty"] = int(item.expected) % 5 + 1
         rows.append({"rater": item.rater, "position": item.position, **scores})
     store.add_ratings(db, rows)
+    return db, items
 
+
+def test_analyze_reads_a_rating_study_db(tmp_path):
+    db, items = rated_study_db(tmp_path)
     out = analyze(AnalyzeConfig(db=db, out=tmp_path / "out", bootstrap=200))
     counts = json.loads((out / "results.json").read_text(encoding="utf-8"))["counts"]
     n_main = int((items["kind"] == "main").sum())
@@ -343,9 +397,115 @@ def test_analyze_reads_a_rating_study_db(tmp_path):
     assert counts["n_retest_ratings"] == 3
 
 
+def test_power_estimates_components_from_a_study_db(tmp_path, capsys):
+    db, _ = rated_study_db(tmp_path)
+    assert cli_main(["analyze", "power", "--db", str(db), "--raters", "2", "--prompts", "8", "--sims", "50", "--out", str(tmp_path / "pw")]) == 0
+    assert f"estimated from {db} by the crossed mixed model" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "pw" / "power.json").read_text(encoding="utf-8"))
+    assert set(saved["components"]) == {"style", "match", "detail", "beauty"}
+    assert all(c["noise_sd"] > 0 for c in saved["components"].values())
+
+
 def test_cli_power_with_given_components(tmp_path, capsys):
     argv = ["analyze", "power", "--noise-sd", "0.3", "--diff", "1.0", "--sims", "50", "--raters", "2", "--prompts", "8,16", "--out", str(tmp_path / "pw")]
     assert cli_main(argv) == 0
     assert "reach power" in capsys.readouterr().out
     saved = json.loads((tmp_path / "pw" / "power.json").read_text(encoding="utf-8"))
     assert saved["components"]["any dimension"]["noise_sd"] == 0.3 and len(saved["grid"]) == 2
+
+
+# --- Input read exactly or refused ----------------------------------------------------------
+
+
+def test_seeds_above_2_to_the_53_stay_distinct(tmp_path):
+    big = 2**53
+    rows = [f"{r},{arm},p{p},{big + s},{3 + (arm == 'lora')},3,3,3" for r in "AB" for arm in ("base", "lora") for p in range(6) for s in range(2)]
+    ratings, _ = read_ratings_file(write_csv(tmp_path / "big.csv", rows))
+    assert sorted(set(ratings["seed"].tolist())) == [big, big + 1] and ratings["seed"].dtype == np.int64
+    out = analyze(AnalyzeConfig(ratings=tmp_path / "big.csv", out=tmp_path / "out", bootstrap=100, mixed_model=False))
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["counts"]["n_images"] == 2 * 6 * 2
+
+
+def test_unsigned_64_bit_seeds_are_exact_and_out_of_range_seeds_are_refused(tmp_path):
+    top = 2**64 - 1
+    ratings, _ = read_ratings_file(write_csv(tmp_path / "u.csv", [f"A,base,p1,{top},3,3,3,3", f"A,base,p1,{top - 1},3,3,3,3"]))
+    assert ratings["seed"].tolist() == [top, top - 1] and ratings["seed"].dtype == np.uint64
+    # A blank field elsewhere makes pandas read the column as float64; the seeds must still be exact.
+    with pytest.raises(FangzhiError) as error:
+        read_ratings_file(write_csv(tmp_path / "bad.csv", [f"A,base,p1,{2**64},3,3,3,3", "A,base,p2,-1,3,3,3,3", f"A,base,p3,{2**63},3,3,3,3", "A,base,p4,,3,3,3,3", "A,base,p5,2.5,3,3,3,3"]))
+    message = str(error.value)
+    assert f"line 2: seed is '{2**64}'; does not fit in 64 bits" in message
+    assert "line 4: seed is 9223372036854775808; the file mixes negative seeds" in message
+    assert "line 5: seed is empty" in message and "line 6: seed is '2.5'; must be an integer" in message
+    ratings, _ = read_ratings_file(write_csv(tmp_path / "neg.csv", ["A,base,p1,-9223372036854775808,3,3,3,3", "A,base,p1,9007199254740993,3,3,3,3", "A,base,p2,,3,3,3,3"]), drop_bad_rows=True)
+    assert ratings["seed"].tolist() == [-(2**63), 2**53 + 1]
+
+
+def test_parquet_float_seeds_above_2_to_the_53_are_refused(tmp_path):
+    frame = pd.DataFrame({"rater": ["A", "A"], "arm": ["base", "lora"], "prompt": ["p", "p"], "seed": [1.0, 2.0**60], "style": 3, "match": 3, "detail": 3, "beauty": 3})
+    frame.to_parquet(tmp_path / "f.parquet")
+    with pytest.raises(FangzhiError, match="row 2: seed is '1152921504606846976'; is stored as a floating-point number"):
+        read_ratings_file(tmp_path / "f.parquet")
+
+
+def test_unknown_kind_values_are_errors_with_line_numbers(tmp_path):
+    header = HEADER + ",kind"
+    rows = [row + ",main" for row in SMALL_ROWS]
+    rows[1] = SMALL_ROWS[1] + ","
+    rows[2] = SMALL_ROWS[2] + ",Main"
+    with pytest.raises(FangzhiError) as error:
+        read_ratings_file(write_csv(tmp_path / "kind.csv", rows, header=header))
+    message = str(error.value)
+    assert "2 bad rating row(s)" in message
+    assert "line 3: kind is empty; must be one of main, retest, attention" in message
+    assert "line 4: kind is 'Main'; must be one of main, retest, attention" in message
+
+
+def test_arm_names_differing_in_case_are_refused_or_aliased(tmp_path):
+    rows = [row.replace(",lora,", ",LoRA,") if i == 4 else row for i, row in enumerate(SMALL_ROWS)]
+    path = write_csv(tmp_path / "case.csv", rows)
+    with pytest.raises(FangzhiError, match=r"line 6: arm 'LoRA' differs from arm 'lora' only in case; fix the file or pass --arm-alias LoRA=lora"):
+        read_ratings_file(path)
+    ratings, _ = read_ratings_file(path, arm_alias={"LoRA": "lora"})
+    assert sorted(ratings["arm"].unique()) == ["base", "lora"] and len(ratings) == len(SMALL_ROWS)
+    assert cli_main(["analyze", "--ratings", str(path), "--out", str(tmp_path / "cli"), "--bootstrap", "100", "--arm-alias", "LoRA=lora", "--no-mixed-model"]) == 0
+
+
+def test_a_run_without_pairs_is_an_error(tmp_path, capsys):
+    only_base = write_csv(tmp_path / "base.csv", [r for r in SMALL_ROWS if ",base," in r])
+    assert cli_main(["analyze", "--ratings", str(only_base), "--out", str(tmp_path / "o1")]) == 2
+    assert "only the arm 'base' was rated" in capsys.readouterr().err
+    disjoint = write_csv(tmp_path / "disjoint.csv", [r.replace(",p", ",q") if ",lora," in r else r for r in SMALL_ROWS])
+    assert cli_main(["analyze", "--ratings", str(disjoint), "--out", str(tmp_path / "o2")]) == 2
+    assert "no prompt was rated in both the baseline arm 'base' and arm(s) 'lora'" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_power_parameters_are_validated(capsys):
+    for argv in (["--raters", "0"], ["--raters", "-2"], ["--noise-sd", "-1"], ["--prompts", "1"], ["--sims", "10"]):
+        assert cli_main(["analyze", "power", *argv]) == 2
+        assert "invalid configuration" in capsys.readouterr().err
+
+
+def chinese_study() -> pd.DataFrame:
+    ratings = simulate_ratings(3, 6, 1, effect=0.5, seed=3)
+    return ratings.assign(rater=ratings["rater"].map({"r00": "王老师", "r01": "李华", "r02": "张三"}))
+
+
+def test_plots_use_a_cjk_font_when_one_is_installed(tmp_path, recwarn):
+    from fangzhi.evaluate.report import find_cjk_font
+
+    if find_cjk_font() is None:
+        pytest.skip("no CJK font installed on this machine (Debian: fonts-noto-cjk)")
+    analyze(AnalyzeConfig(out=tmp_path / "out", bootstrap=100, mixed_model=False), ratings=chinese_study())
+    assert not [w for w in recwarn if "missing from font" in str(w.message) or "fonts-noto-cjk" in str(w.message)]
+
+
+def test_plots_warn_once_naming_the_package_without_a_cjk_font(tmp_path, monkeypatch, recwarn):
+    from fangzhi.evaluate import report
+
+    monkeypatch.setattr(report, "CJK_FONTS", ("No Such Font",))
+    analyze(AnalyzeConfig(out=tmp_path / "out", bootstrap=100, mixed_model=False), ratings=chinese_study())
+    messages = [str(w.message) for w in recwarn]
+    assert sum("apt install fonts-noto-cjk" in m for m in messages) == 1
+    assert not [m for m in messages if "missing from font" in m]

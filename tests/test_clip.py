@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from fangzhi.cli import main as cli_main
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate.clip_check import ClipCheckConfig, clip_check
+from fangzhi.evaluate.clip_check import ClipCheckConfig, ClipGateRules, clip_check, gate_metric, resolve_rules
 from fangzhi.evaluate.clip_score import paired_arm_test, score_manifest, summarize_by_arm
 from fangzhi.models.clip import TINY_CLIP_MODEL_CFG, build_tiny_clip, clip_weights_sha256, load_clip, save_clip_folder
 
@@ -319,30 +319,32 @@ def test_clip_check_passes_on_baseline_images_and_fails_when_images_are_swapped(
     assert clip_check(check_config(manifest, baseline, aligned_clip_dir, update_baseline=True, **shared)) == 0
     stored = json.loads(baseline.read_text())
     assert stored["model"] == "local-dir:aligned-clip" and stored["seeds"] == [0, 1] and stored["prompts"] == PROMPTS
+    assert stored["format"] == "fangzhi-clip-baseline/2" and stored["rules"]["tolerance"] == 0.5 and stored["rules"]["collapse_max_images"] == 2
     assert len(stored["images"]) == 16
 
     report_path = workdir / "gate" / "same.json"
     assert clip_check(check_config(manifest, baseline, aligned_clip_dir, out=report_path, **shared)) == 0
     same = json.loads(report_path.read_text())
-    assert same["verdict"] == "pass" and all(m["mean_drop"] == pytest.approx(0, abs=1e-6) for m in same["metrics"])
+    assert same["verdict"] == "pass" and all(c["mean_drop"] == pytest.approx(0, abs=1e-6) for c in same["checks"] if c["rule"] != "collapse")
     assert "PASS" in capsys.readouterr().out
 
     report_path = workdir / "gate" / "swapped.json"
     assert clip_check(check_config(swapped_manifest, baseline, aligned_clip_dir, out=report_path, **shared)) == 1
-    swapped = {m["metric"]: m for m in json.loads(report_path.read_text())["metrics"]}
-    # It fails for the right reason: CLIP score dropped significantly and beyond tolerance ...
-    assert swapped["clip_score"]["regression"] and swapped["clip_score"]["wilcoxon_p_less"] < 0.05
-    assert swapped["clip_score"]["mean_drop"] > 0.5
-    # ... while the same set of images keeps the same mean style similarity (a per-prompt shuffle only).
-    assert not swapped["style_similarity"]["regression"]
-    assert swapped["style_similarity"]["mean_drop"] == pytest.approx(0, abs=1e-5)
+    swapped = {(c["metric"], c["rule"], c["arm"]): c for c in json.loads(report_path.read_text())["checks"]}
+    # It fails for the right reason: CLIP score dropped significantly and beyond tolerance in each arm ...
+    for arm in ARMS:
+        assert swapped[("clip_score", "arm", arm)]["regression"] and swapped[("clip_score", "arm", arm)]["wilcoxon_p_less"] < 0.05
+        assert swapped[("clip_score", "arm", arm)]["mean_drop"] > 0.5
+        # ... while each arm keeps the same set of images, so its mean style similarity is unchanged (a per-prompt shuffle only).
+        assert not swapped[("style_similarity", "arm", arm)]["regression"]
+        assert swapped[("style_similarity", "arm", arm)]["mean_drop"] == pytest.approx(0, abs=1e-5)
     assert "FAIL" in capsys.readouterr().out
 
     # The same through the command line: exit 1 on regression.
     assert cli_main(["clip-check", "--images", str(swapped_manifest), "--baseline", str(baseline), "--pretrained", str(aligned_clip_dir),
                      "--reference-images", str(reference_dir), "--device", "cpu", "--out", str(report_path)]) == 1
-    # A tolerance larger than the drop lets it through: both conditions are needed for a regression.
-    loose = check_config(swapped_manifest, baseline, aligned_clip_dir, out=report_path, tolerance=100, **shared)
+    # Tolerances larger than the drops let it through: significance alone is not a regression.
+    loose = check_config(swapped_manifest, baseline, aligned_clip_dir, out=report_path, tolerance=100, collapse_drop=100, style_collapse_drop=2, **shared)
     assert clip_check(loose) == 0
 
 
@@ -368,5 +370,52 @@ def test_clip_check_refuses_a_baseline_made_differently(manifest, aligned_clip_d
 
 def test_clip_check_needs_enough_images_for_its_test(tmp_path, aligned_clip_dir):
     small = write_manifest(tmp_path / "small", fixture_images()[:4])
-    with pytest.raises(FangzhiError, match=r"4 images are too few(.|\n)*at least 5"):
+    with pytest.raises(FangzhiError, match=r"too few images per arm for the gate \(base: 2, lora: 2\)(.|\n)*at least 5 images per arm"):
         clip_check(check_config(small, tmp_path / "baseline.json", aligned_clip_dir, update_baseline=True))
+
+
+# --- the gate's rules on known numbers -----------------------------------------------------------------------
+
+
+def paired_numbers(n_prompts: int = 21, n_seeds: int = 4, seed: int = 0) -> pd.DataFrame:
+    """Baseline CLIP scores for base/LoRA image pairs; current = baseline until a test changes it."""
+    rng = np.random.default_rng(seed)
+    rows = [(arm, f"p{p}", s, f"{arm}{p}-{s}", 30 + 3 * rng.standard_normal()) for p in range(n_prompts) for s in range(n_seeds) for arm in ARMS]
+    frame = pd.DataFrame(rows, columns=["arm", "prompt", "seed", "image_id", "clip_score_baseline"])
+    return frame.assign(clip_score=frame["clip_score_baseline"])
+
+
+def verdicts(paired: pd.DataFrame, rules: ClipGateRules = ClipGateRules()) -> dict:
+    return {(c["rule"], c["arm"]): c["regression"] for c in gate_metric(paired, "clip_score", rules.tolerance, rules.collapse_drop, rules)}
+
+
+def test_gate_fails_a_drop_in_the_lora_arm_alone():
+    paired = paired_numbers()
+    lora = paired["arm"] == "lora"
+    paired.loc[lora, "clip_score"] -= 0.9  # pooled over both arms this is a 0.45 drop, inside the 0.5 tolerance
+    result = verdicts(paired)
+    assert result[("arm", "lora")] and result[("difference", "lora − base")]
+    assert not result[("arm", "base")] and not result[("collapse", "all")]
+
+
+def test_gate_passes_both_arms_jittered():
+    paired = paired_numbers()
+    paired["clip_score"] += np.random.default_rng(1).normal(0, 0.3, len(paired))  # GPU vs CPU arithmetic, say
+    assert not any(verdicts(paired).values())
+
+
+def test_gate_fails_when_a_few_images_collapse():
+    paired = paired_numbers()
+    collapsed = paired.sample(8, random_state=0).index
+    paired.loc[collapsed, "clip_score"] -= 10  # 8 of 168 images: the means move by under 0.5
+    result = verdicts(paired)
+    assert result[("collapse", "all")] and not result[("arm", "base")]
+    assert not verdicts(paired, ClipGateRules(collapse_max_images=8))[("collapse", "all")]
+
+
+def test_rules_come_from_flags_then_the_baseline_then_defaults(tmp_path):
+    config = ClipCheckConfig(images=tmp_path / "m.jsonl", baseline=tmp_path / "b.json", tolerance=0.2)
+    rules, note = resolve_rules(config, {"rules": {"tolerance": 0.9, "collapse_max_images": 5}})
+    assert rules.tolerance == 0.2 and rules.collapse_max_images == 5 and rules.alpha == 0.05 and note is None
+    rules, note = resolve_rules(config, {"format": "fangzhi-clip-baseline/1"})  # an old baseline: no stored rules
+    assert rules.tolerance == 0.2 and rules.collapse_drop == 5.0 and "older fangzhi" in note and "--update-baseline" in note

@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 from pydantic import Field, model_validator
@@ -16,7 +16,8 @@ from pydantic import Field, model_validator
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
 from fangzhi.evaluate import power as power_mod
-from fangzhi.evaluate import reliability, report, stats, table
+from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.evaluate import mixed, reliability, report, stats, table
 from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
 from fangzhi.studydb import attention_failures, raters_failing_attention, read_study
 
@@ -35,9 +36,11 @@ class AnalyzeConfig(StrictModel):
     exclude_failed_attention: int | None = Field(None, ge=1)  # drop raters with at least this many failed attention checks
     clip: Path | None = None  # optional clip_scores.csv for the CLIP vs human part
     baseline_arm: str = "base"
+    arm_alias: dict[str, str] = {}  # arm spellings to rename while reading, e.g. {"LoRA": "lora"}
     bootstrap: int = Field(10_000, ge=100)
     seed: int = 0
     title_note: str | None = None  # e.g. "simulated": shown in every table, plot and report title
+    mixed_model: bool = True  # fit the crossed mixed model per dimension (skipped, with a note, for very large studies)
 
     @model_validator(mode="after")
     def _one_source(self) -> "AnalyzeConfig":
@@ -49,18 +52,25 @@ class AnalyzeConfig(StrictModel):
 class PowerConfig(StrictModel):
     """Settings of `fangzhi analyze power`."""
 
-    from_ratings: Path | None = None  # estimate variance components from these ratings; else use the given ones
+    from_ratings: Path | None = None  # estimate variance components from this wide ratings file ...
+    from_db: Path | None = None  # ... or from this rating study DB; else use `components`
     baseline_arm: str = "base"
     diff: float = Field(0.3, gt=0)  # difference in mean score (1–5 scale) to detect
     power: float = Field(0.8, gt=0, lt=1)
     alpha: float = Field(0.05, gt=0, lt=1)
-    raters: list[int] = [2, 4, 6]
-    prompts: list[int] = [8, 16, 32]
+    raters: list[Annotated[int, Field(ge=1)]] = Field([2, 4, 6], min_length=1)
+    prompts: list[Annotated[int, Field(ge=2)]] = Field([8, 16, 32], min_length=1)
     seeds_per_prompt: int = Field(1, ge=1)
-    sims: int = Field(500, ge=50)
+    sims: int = Field(500, ge=50, le=100_000)
     seed: int = 0
     components: power_mod.VarianceComponents = power_mod.VarianceComponents()
     out: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PowerConfig":
+        if self.from_db is not None and self.from_ratings is not None:
+            raise ValueError("give either --db (from_db) or --from-ratings (from_ratings), not both")
+        return self
 
 
 @dataclass
@@ -76,7 +86,8 @@ class Removed:
 def load_ratings(config: AnalyzeConfig, frame: pd.DataFrame | None = None) -> tuple[pd.DataFrame, BadRows, str, Removed]:
     removed = Removed()
     if frame is not None:
-        clean, bad = validate_ratings(frame, source="ratings table", positions=[f"row {i}" for i in range(1, len(frame) + 1)], drop_bad_rows=config.drop_bad_rows)
+        positions = [f"row {i}" for i in range(1, len(frame) + 1)]
+        clean, bad = validate_ratings(frame, source="ratings table", positions=positions, drop_bad_rows=config.drop_bad_rows, arm_alias=config.arm_alias)
         return clean, bad, "ratings table (in memory)", removed
     if config.db is not None:
         study = read_study(config.db)
@@ -92,7 +103,7 @@ def load_ratings(config: AnalyzeConfig, frame: pd.DataFrame | None = None) -> tu
         clean, bad = validate_ratings(raw, source=str(config.db), positions=positions, drop_bad_rows=config.drop_bad_rows)
         return clean, bad, study.source, removed
     if config.ratings is not None:
-        clean, bad = read_ratings_file(config.ratings, drop_bad_rows=config.drop_bad_rows)
+        clean, bad = read_ratings_file(config.ratings, drop_bad_rows=config.drop_bad_rows, arm_alias=config.arm_alias)
         return clean, bad, str(config.ratings), removed
     raise FangzhiError("analyze: give --db STUDY.duckdb or --ratings FILE")
 
@@ -151,6 +162,21 @@ def clip_correlations(ratings: pd.DataFrame, clip_path: Path) -> tuple[pd.DataFr
     return joined, pd.DataFrame(rows)
 
 
+def paired_comparisons(ratings: pd.DataFrame, arms: list[str], config: AnalyzeConfig, source: str) -> pd.DataFrame:
+    """Every arm against the baseline; an error when an arm shares no prompt with the baseline."""
+    if len(arms) < 2:
+        raise FangzhiError(f"{source}: only the arm '{arms[0]}' was rated; a comparison needs the baseline arm and at least one other arm")
+    comparisons = stats.compare_arms(ratings, config.baseline_arm, arms, config.bootstrap, config.seed)
+    compared = set(comparisons["arm"]) if not comparisons.empty else set()
+    unpaired = [arm for arm in arms[1:] if arm not in compared]
+    if unpaired:
+        raise FangzhiError(
+            f"{source}: no prompt was rated in both the baseline arm '{config.baseline_arm}' and arm(s) {', '.join(repr(a) for a in unpaired)}; "
+            "check that arm and prompt names match between the arms"
+        )
+    return comparisons
+
+
 def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     """Run the whole analysis and write `config.out`; returns the output folder.
 
@@ -170,7 +196,8 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     paper = table.paper_table(summary, arms)
     title = table.table_title(note_suffix)
     note = table.table_note(summary, config.sd_over)
-    comparisons = stats.compare_arms(main, config.baseline_arm, arms, config.bootstrap, config.seed) if len(arms) > 1 else pd.DataFrame()
+    comparisons = paired_comparisons(main, arms, config, source)
+    mixed_rows = mixed.mixed_table(main, config.baseline_arm, arms, list(DIMENSION_KEYS)) if config.mixed_model else None
     reliability_rows = reliability.reliability_table(main)
     retest = reliability.retest_agreement(all_ratings)
     per_rater = table.breakdown(main, "rater")
@@ -196,14 +223,16 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         "arms": arms,
     }
 
-    figures = {
-        "means.png": report.plot_means(summary, arms, table.UNIT_NOTES[config.sd_over], note_suffix),
-        "distributions.png": report.plot_distributions(main, arms, note_suffix),
-        "rater_heatmap.png": report.plot_rater_heatmap(per_rater, arms, note_suffix),
-    }
-    if clip_joined is not None:
-        present = [c for c in CLIP_COLUMNS if c in clip_joined.columns]
-        figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
+    labels = [*arms, *main["rater"].unique(), note_suffix or ""]
+    with report.fonts_for(labels):
+        figures = {
+            "means.png": report.plot_means(summary, arms, table.UNIT_NOTES[config.sd_over], note_suffix),
+            "distributions.png": report.plot_distributions(main, arms, note_suffix),
+            "rater_heatmap.png": report.plot_rater_heatmap(per_rater, arms, note_suffix),
+        }
+        if clip_joined is not None:
+            present = [c for c in CLIP_COLUMNS if c in clip_joined.columns]
+            figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
 
     # --- everything computed; now write ---
     out = Path(config.out)
@@ -214,6 +243,8 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     table.to_csv_frame(summary, arms).to_csv(out / "table2.csv", index=False, float_format="%.2f")
     comparisons.to_csv(out / "comparisons.csv", index=False)
     reliability_rows.to_csv(out / "reliability.csv", index=False)
+    if mixed_rows is not None:
+        mixed_rows.to_csv(out / "mixed_model.csv", index=False)
     per_rater.to_csv(out / "per_rater.csv", index=False)
     per_prompt.to_csv(out / "per_prompt.csv", index=False)
     for name, png in figures.items():
@@ -230,6 +261,9 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             "summary": summary,
             "comparisons": comparisons,
             "test_note": stats.WILCOXON_NOTE,
+            "mixed_model": mixed_rows,
+            "mixed_model_formula": mixed.FORMULA if mixed_rows is not None else None,
+            "mixed_model_note": mixed.APPROXIMATION_NOTE if mixed_rows is not None else None,
             "reliability": reliability_rows,
             "retest": retest,
             "attention": attention,
@@ -246,22 +280,43 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         f"QC: {counts['n_attention_failures']} attention-check failures out of {counts['n_attention_items']} items; {counts['n_retest_ratings']} retest ratings; {counts['n_bad_rows_dropped']} bad rows dropped.",
         *removal_facts(config, removed),
     ]
-    flagged = reliability_rows.loc[reliability_rows["alpha_flag"], "dimension"].tolist()
-    if flagged:
-        facts.append(f"Low agreement (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {', '.join(flagged)}.")
+    flagged = reliability_rows.loc[reliability_rows["alpha_flag"]]
+    if not flagged.empty:
+        where = ", ".join(f"{row.dimension} ({row.scope})" for row in flagged.itertuples())
+        facts.append(f"Low agreement within an arm (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {where}.")
+    primary = comparisons.loc[comparisons["primary"]]
+    for row in primary.loc[primary["score"] == "comprehensive"].itertuples():
+        facts.append(
+            f"Primary test ({row.arm} − {row.baseline}, comprehensive score, unit: prompts, n = {row.n_pairs}): "
+            f"mean difference {row.mean_diff:+.3f} (95% CI {row.ci95_low:+.3f} to {row.ci95_high:+.3f}), Wilcoxon p = {row.wilcoxon_p:.3g}, paired t p = {row.t_p:.3g}."
+        )
     sections = [
-        ("Paired comparisons", stats.WILCOXON_NOTE, comparisons if not comparisons.empty else None),
-        ("Inter-rater reliability", "Krippendorff's alpha (ordinal) over all images; ICC(2,1) and ICC(2,k) over images every rater scored.", reliability_rows),
+        ("Paired comparisons: primary (unit: prompts)", f"Unit: {stats.UNIT_NOTES['prompts']}. {stats.WILCOXON_NOTE}", primary),
+        (
+            "Paired comparisons: secondary (units: images, ratings)",
+            f"Units: {stats.UNIT_NOTES['images']}; {stats.UNIT_NOTES['ratings']}. Descriptive; the headline is the primary table.",
+            comparisons.loc[~comparisons["primary"]],
+        ),
+    ]
+    if mixed_rows is not None:
+        shown = ["arm", "score", "fitted", "n_ratings", "arm_effect", "ci95_low", "ci95_high", "p", *[f"sd_{t}" for t in (*mixed.TERMS, "residual")], "simplified"]
+        sections.append((
+            "Crossed mixed model (unit: individual ratings, raters and prompts as random factors)",
+            f"Per dimension: {mixed.FORMULA}. {mixed.APPROXIMATION_NOTE} SD CIs are in mixed_model.csv.",
+            mixed_rows[shown],
+        ))
+    sections += [
+        ("Inter-rater reliability", "Unit: images (raters are the coders). Krippendorff's alpha (ordinal) over the images of each arm, then pooled over arms (labelled; pooling inflates agreement when the arms differ, so only within-arm values are flagged); ICC(2,1) and ICC(2,k) over images every rater scored.", reliability_rows),
     ]
     if retest is not None:
-        sections.append(("Test–retest agreement", "A rater's retest rating against their first rating of the same image.", retest))
+        sections.append(("Test–retest agreement", "Unit: a retest rating paired with the same rater's first rating of that image.", retest))
     if attention is not None:
-        sections.append(("Attention checks", "An item fails unless all four scores equal the score the page asked for.", attention))
+        sections.append(("Attention checks", "Unit: attention-check items, counted per rater. An item fails unless all four scores equal the score the page asked for.", attention))
     if clip_rho is not None:
-        sections.append(("CLIP vs human", "Spearman correlation over images of CLIP numbers with the rater-averaged human scores.", clip_rho))
-    sections.append(("Per rater", "Mean score per rater and arm.", per_rater))
+        sections.append(("CLIP vs human", "Unit: images. Spearman correlation of CLIP numbers with the rater-averaged human scores.", clip_rho))
+    sections.append(("Per rater", "Unit: individual ratings. Mean score per rater and arm.", per_rater))
     if per_prompt["prompt"].nunique() <= 200:
-        sections.append(("Per prompt", "Mean score per prompt and arm.", per_prompt))
+        sections.append(("Per prompt", "Unit: individual ratings. Mean score per prompt and arm.", per_prompt))
     else:
         sections.append(("Per prompt", "Too many prompts to show here; see per_prompt.csv.", None))
     report.write_html(out / "report.html", report.titled("Human ratings analysis", note_suffix), facts, title, paper, note, sections, figures)
@@ -270,22 +325,29 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
 
 def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Power grid, smallest sufficient designs, and a short text summary; writes power.csv/.json when `out` is set."""
-    if config.from_ratings is not None:
-        ratings, _ = read_ratings_file(config.from_ratings)
+    if config.from_ratings is not None or config.from_db is not None:
+        source = AnalyzeConfig(ratings=config.from_ratings, db=config.from_db, out=Path("."), baseline_arm=config.baseline_arm)
+        ratings, _, origin_path, _ = load_ratings(source)
         components = power_mod.estimate_components(main_ratings(ratings), config.baseline_arm)
-        origin = f"variance components estimated from {config.from_ratings}"
+        origin = f"variance components estimated from {origin_path} by the crossed mixed model"
     else:
         components = {"any dimension": config.components}
         origin = "given variance components"
     grid = power_mod.power_grid(components, config.diff, config.raters, config.prompts, config.seeds_per_prompt, config.sims, config.alpha, config.seed)
     best = power_mod.smallest_designs(grid, config.power)
-    lines = [f"Power to detect a mean difference of {config.diff} (Wilcoxon, image-level pairs, alpha {config.alpha}, {config.sims} simulations; {origin}):"]
+    lines = [
+        f"Power to detect a mean difference of {config.diff} with the analysis' primary test (Wilcoxon signed-rank on prompt-level means, "
+        f"exact up to {stats.EXACT_MAX_PAIRS} prompts; alpha {config.alpha}; {config.sims} simulated studies per design; {config.seeds_per_prompt} seed(s) per prompt; {origin}):"
+    ]
     pivot = grid.pivot_table(index=["score", "n_raters"], columns="n_prompts", values="power", sort=False)
     lines.append(pivot.to_string(float_format=lambda v: f"{v:.2f}"))
+    fewest = power_mod.smallest_detectable_prompts(config.alpha)
+    if min(config.prompts) < fewest:
+        lines.append(f"note: with fewer than {fewest} prompts the two-sided signed-rank test can never reach p < {config.alpha}, whatever the effect")
     for score in components:
         hit = best.loc[best["score"] == score]
         if hit.empty:
-            lines.append(f"{score}: no design in the grid reaches power {config.power}; try more raters or prompts")
+            lines.append(f"{score}: no design in the grid reaches power {config.power}; try more prompts (the unit of the test) or raters")
         else:
             row = hit.iloc[0]
             lines.append(f"{score}: {row.n_raters} raters × {row.n_prompts} prompts ({row.n_ratings} ratings) reach power {row.power:.2f} ≥ {config.power}")

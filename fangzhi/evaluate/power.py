@@ -1,40 +1,74 @@
 """Simulated ratings and simulation-based power for planning the next rating study.
 
-Rating model, per dimension, for rater r scoring image (arm a, prompt p, seed s):
+Rating model, per dimension, for rater r scoring image (arm a, prompt p, seed s), with T = 1 for
+every arm after the baseline and 0 for the baseline:
 
-    latent = base_mean + effect·[a is not the baseline] + rater_r + pair_(p,s) + image_(a,p,s) + noise
+    latent = base_mean + effect·T
+             + rater_r + rater_arm_r·T          rater leniency, and the rater's own taste for the LoRA
+             + prompt_p + prompt_arm_p·T        prompt difficulty, and the prompt's own LoRA effect
+             + seed_(p,s)                       the seed's composition, shared by both arms of a pair
+             + image_(a,p,s)                    what all raters see in this one image
+             + noise                            per rating
     score  = clip(round(latent), 1, 5)
 
-with independent normal terms: rater leniency (rater_sd), a prompt × seed effect shared by both arms
-of a pair (pair_sd, which is what makes the paired design efficient), an image-specific effect shared
-by all raters of that image (image_sd), and per-rating noise (noise_sd).
+with independent normal terms whose SDs are the `VarianceComponents`. The same model is the crossed
+mixed model of `fangzhi.evaluate.mixed`, which estimates these SDs from a pilot study.
 
-Power is the share of simulated studies in which the primary test (Wilcoxon signed-rank on
-image-level pairs, averaged over raters) rejects at `alpha`. The simulation uses the test's
-tie-corrected normal approximation throughout (what the analysis itself uses beyond 13 pairs), so that
-thousands of studies are tested in one vectorized call.
+Power is the share of simulated studies in which the analysis' primary test rejects at `alpha`:
+`stats.signed_rank_test` on prompt-level pairs (seeds and raters averaged within prompt and arm),
+exact where the analysis is exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
+from pydantic import Field
 
+from fangzhi.config import StrictModel
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
+from fangzhi.evaluate.stats import signed_rank_test
 
 
-@dataclass(frozen=True)
-class VarianceComponents:
-    base_mean: float = 3.2
-    rater_sd: float = 0.4
-    pair_sd: float = 0.5
-    image_sd: float = 0.3
-    noise_sd: float = 0.7
+class VarianceComponents(StrictModel):
+    """SDs of the rating model's random terms (score points on the 1–5 scale) and the baseline mean."""
+
+    base_mean: float = Field(3.2, ge=SCORE_MIN, le=SCORE_MAX)
+    rater_sd: float = Field(0.4, ge=0)
+    prompt_sd: float = Field(0.4, ge=0)
+    seed_sd: float = Field(0.3, ge=0)
+    image_sd: float = Field(0.3, ge=0)
+    rater_arm_sd: float = Field(0.1, ge=0)
+    prompt_arm_sd: float = Field(0.2, ge=0)
+    noise_sd: float = Field(0.7, ge=0)
+
+
+COMPONENT_NAMES: tuple[str, ...] = tuple(name for name in VarianceComponents.model_fields if name != "base_mean")
+
+
+def _latent_terms(
+    rng: np.random.Generator, c: VarianceComponents, effect: float, lead: tuple[int, ...], n_raters: int, n_arms: int, n_prompts: int, n_seeds: int
+) -> np.ndarray:
+    """Latent scores of shape lead + (raters, arms, prompts, seeds); `lead` stacks independent studies."""
+    treated = (np.arange(n_arms) > 0).astype(float)[:, None, None]
+    return (
+        c.base_mean
+        + effect * treated
+        + rng.normal(0, c.rater_sd, (*lead, n_raters, 1, 1, 1))
+        + rng.normal(0, c.rater_arm_sd, (*lead, n_raters, n_arms, 1, 1)) * treated
+        + rng.normal(0, c.prompt_sd, (*lead, 1, 1, n_prompts, 1))
+        + rng.normal(0, c.prompt_arm_sd, (*lead, 1, n_arms, n_prompts, 1)) * treated
+        + rng.normal(0, c.seed_sd, (*lead, 1, 1, n_prompts, n_seeds))
+        + rng.normal(0, c.image_sd, (*lead, 1, n_arms, n_prompts, n_seeds))
+        + rng.normal(0, c.noise_sd, (*lead, n_raters, n_arms, n_prompts, n_seeds))
+    )
+
+
+def _to_scores(latent: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(latent), SCORE_MIN, SCORE_MAX)
 
 
 def simulate_ratings(
@@ -65,59 +99,20 @@ def simulate_ratings(
             "seed": np.array(seed_values, dtype=np.int64)[grid[3]],
         }
     )
-    is_treated = (np.arange(n_arms) > 0)[:, None, None]
     for dim in DIMENSION_KEYS:
         c = components[dim] if isinstance(components, Mapping) else components
         shift = effect[dim] if isinstance(effect, Mapping) else effect
-        latent = (
-            c.base_mean
-            + shift * is_treated
-            + rng.normal(0, c.rater_sd, (n_raters, 1, 1, 1))
-            + rng.normal(0, c.pair_sd, (1, 1, n_prompts, n_seeds))
-            + rng.normal(0, c.image_sd, (1, n_arms, n_prompts, n_seeds))
-            + rng.normal(0, c.noise_sd, shape)
-        )
-        frame[dim] = np.clip(np.rint(latent), SCORE_MIN, SCORE_MAX).astype(np.int64).reshape(-1)
+        latent = _latent_terms(rng, c, shift, (), n_raters, n_arms, n_prompts, n_seeds)
+        frame[dim] = _to_scores(latent).astype(np.int64).reshape(-1)
     return frame
 
 
-def estimate_components(ratings: pd.DataFrame, baseline_arm: str) -> dict[str, VarianceComponents]:
-    """Method-of-moments variance components per dimension from observed ratings.
-
-    Rater, image and noise variances come from the two-way ANOVA mean squares of each arm's
-    images × raters matrix (images every rater scored), averaged over arms; the pair variance is the
-    covariance of the two arms' image means over (prompt, seed) pairs. Estimates on the rounded 1–5
-    scale, so the simulation is an approximation of the study, not a replay.
-    """
-    from fangzhi.evaluate.reliability import two_way_mean_squares
-
-    other_arms = [a for a in ratings["arm"].unique() if a != baseline_arm]
-    if baseline_arm not in set(ratings["arm"]) or not other_arms:
-        raise FangzhiError(f"power: the ratings need the baseline arm '{baseline_arm}' and one other arm")
-    other_arm = sorted(other_arms)[0]
-    estimates = {}
-    for dim in DIMENSION_KEYS:
-        rater_var, image_var, noise_var, arm_means = [], [], [], {}
-        for arm in (baseline_arm, other_arm):
-            part = ratings.loc[ratings["arm"] == arm]
-            matrix = part.pivot_table(index=["prompt", "seed"], columns="rater", values=dim, aggfunc="mean", observed=True).dropna()
-            if matrix.shape[0] < 2 or matrix.shape[1] < 2:
-                raise FangzhiError(f"power: arm '{arm}' needs at least 2 raters who all scored at least 2 images to estimate variance components")
-            ms = two_way_mean_squares(matrix.to_numpy())
-            rater_var.append(max((ms["ms_cols"] - ms["ms_error"]) / ms["n"], 0.0))
-            image_var.append(max((ms["ms_rows"] - ms["ms_error"]) / ms["k"], 0.0))
-            noise_var.append(ms["ms_error"])
-            arm_means[arm] = matrix.mean(axis=1)
-        joined = pd.concat(arm_means, axis=1, join="inner")
-        pair_var = float(np.clip(np.cov(joined.iloc[:, 0], joined.iloc[:, 1])[0, 1], 0.0, np.mean(image_var))) if len(joined) > 2 else 0.0
-        estimates[dim] = VarianceComponents(
-            base_mean=float(ratings.loc[ratings["arm"] == baseline_arm, dim].mean()),
-            rater_sd=float(np.sqrt(np.mean(rater_var))),
-            pair_sd=float(np.sqrt(pair_var)),
-            image_sd=float(np.sqrt(np.mean(image_var) - pair_var)),
-            noise_sd=float(np.sqrt(np.mean(noise_var))),
-        )
-    return estimates
+def smallest_detectable_prompts(alpha: float) -> int:
+    """Fewest prompts with which the two-sided exact signed-rank test can reach p < alpha (smallest p is 2 / 2^n)."""
+    n = 1
+    while 2 * 0.5**n >= alpha:
+        n += 1
+    return n
 
 
 def simulated_power(
@@ -130,28 +125,17 @@ def simulated_power(
     alpha: float = 0.05,
     rng: np.random.Generator | None = None,
 ) -> float:
-    """Share of `sims` simulated two-arm studies whose image-level Wilcoxon test has p < alpha.
+    """Share of `sims` simulated two-arm studies whose primary (prompt-level signed-rank) test has p < alpha.
 
-    All studies are drawn at once as a (sims, raters, images, arms) array and tested along one axis.
+    All studies are drawn at once; each is then tested with the analysis' own test function.
     """
     rng = rng or np.random.default_rng(0)
-    n_images = n_prompts * seeds_per_prompt
-    c = components
-    latent = (
-        c.base_mean
-        + diff * np.array([0.0, 1.0])
-        + rng.normal(0, c.rater_sd, (sims, n_raters, 1, 1))
-        + rng.normal(0, c.pair_sd, (sims, 1, n_images, 1))
-        + rng.normal(0, c.image_sd, (sims, 1, n_images, 2))
-        + rng.normal(0, c.noise_sd, (sims, n_raters, n_images, 2))
-    )
-    image_means = np.clip(np.rint(latent), SCORE_MIN, SCORE_MAX).mean(axis=1)
-    differences = image_means[..., 1] - image_means[..., 0]
-    testable = np.count_nonzero(differences, axis=1) > 0
-    pvalues = np.ones(sims)
-    if testable.any():
-        pvalues[testable] = sps.wilcoxon(differences[testable], axis=1, zero_method="wilcox", method="asymptotic").pvalue
-    return float(np.mean(pvalues < alpha))
+    latent = _latent_terms(rng, components, diff, (sims,), n_raters, 2, n_prompts, seeds_per_prompt)
+    # Raters averaged per image, then images averaged per prompt: the analysis' prompt-level scores.
+    prompt_means = _to_scores(latent).mean(axis=1).mean(axis=-1)
+    differences = prompt_means[:, 1] - prompt_means[:, 0]
+    pvalues = np.array([signed_rank_test(row)[1] for row in differences])
+    return float(np.mean(pvalues < alpha))  # NaN (every prompt tied) never rejects
 
 
 def power_grid(
@@ -182,4 +166,29 @@ def smallest_designs(grid: pd.DataFrame, target_power: float) -> pd.DataFrame:
 
 
 def components_as_dict(components: Mapping[str, VarianceComponents]) -> dict[str, dict[str, float]]:
-    return {score: asdict(c) for score, c in components.items()}
+    return {score: c.model_dump() for score, c in components.items()}
+
+
+def estimate_components(ratings: pd.DataFrame, baseline_arm: str) -> dict[str, VarianceComponents]:
+    """Per dimension, the model's SDs as the crossed mixed model estimates them from observed (main) ratings.
+
+    A term the data cannot separate (say one seed per prompt) is estimated at 0 and its variance
+    stays in the term that absorbs it (prompt, or the residual).
+    """
+    from fangzhi.evaluate.mixed import fit_crossed
+
+    arms = set(ratings["arm"])
+    other_arms = sorted(a for a in arms if a != baseline_arm)
+    if baseline_arm not in arms or not other_arms:
+        raise FangzhiError(f"power: the ratings need the baseline arm '{baseline_arm}' and one other arm; arms found: {', '.join(sorted(arms))}")
+    estimates = {}
+    for dim in DIMENSION_KEYS:
+        fit = fit_crossed(ratings, dim, baseline_arm, other_arms[0])
+        if not fit.fitted:
+            raise FangzhiError(f"power: cannot estimate variance components for {dim}: {fit.note}")
+        sd = {name: fit.sd.get(name, 0.0) for name in ("rater", "prompt", "seed", "image", "rater_arm", "prompt_arm")}
+        base_mean = float(np.clip(ratings.loc[ratings["arm"] == baseline_arm, dim].mean(), SCORE_MIN, SCORE_MAX))
+        estimates[dim] = VarianceComponents(
+            base_mean=base_mean, noise_sd=fit.sd["residual"], **{f"{name}_sd": value for name, value in sd.items()}
+        )
+    return estimates

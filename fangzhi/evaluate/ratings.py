@@ -10,10 +10,11 @@ Validation is vectorized (one boolean mask per rule) so a million rows take well
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,11 @@ ID_COLUMNS: tuple[str, ...] = ("rater", "arm", "prompt", "seed")
 REQUIRED_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *DIMENSION_KEYS)
 IMAGE_KEY: tuple[str, ...] = ("arm", "prompt", "seed")
 MAX_LISTED_PROBLEMS = 20
+KINDS: tuple[str, ...] = ("main", "retest", "attention")
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # signed int64 and unsigned uint64 together
+INT64_MAX = 2**63 - 1
+FLOAT_EXACT_MAX = 2**53  # above this a float64 no longer holds every integer
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass
@@ -45,8 +51,8 @@ class BadRows:
         return "\n".join(lines)
 
 
-def read_ratings_file(path: str | Path, drop_bad_rows: bool = False) -> tuple[pd.DataFrame, BadRows]:
-    """Read a CSV or Parquet ratings file and validate it.
+def read_ratings_file(path: str | Path, drop_bad_rows: bool = False, arm_alias: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, BadRows]:
+    """Read a CSV or Parquet ratings file and validate it (`arm_alias` renames arms, e.g. {"LoRA": "lora"}).
 
     Returns the clean ratings (typed: rater/arm/prompt str, seed and scores int64) and the bad rows
     found. Raises FangzhiError listing the bad rows by line number unless `drop_bad_rows`.
@@ -77,9 +83,13 @@ def read_ratings_file(path: str | Path, drop_bad_rows: bool = False) -> tuple[pd
         except pd.errors.EmptyDataError:
             raise FangzhiError(f"{path}: the file is empty; expected a header line {','.join(REQUIRED_COLUMNS)}") from None
         positions = None  # line numbers are computed on demand (cheap for a million rows)
+        if "seed" in raw.columns and not pd.api.types.is_integer_dtype(raw["seed"]):
+            # pandas reads a seed column with a blank or a huge value as float64, which rounds
+            # seeds above 2^53; read it again as text so every seed is parsed exactly (or refused).
+            raw["seed"] = pd.read_csv(path, usecols=["seed"], dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False)["seed"]
     else:
         raise FangzhiError(f"{path}: ratings files must end in .csv or .parquet")
-    return validate_ratings(raw, source=str(path), positions=positions, drop_bad_rows=drop_bad_rows)
+    return validate_ratings(raw, source=str(path), positions=positions, drop_bad_rows=drop_bad_rows, arm_alias=arm_alias)
 
 
 def validate_ratings(
@@ -87,12 +97,16 @@ def validate_ratings(
     source: str,
     positions: list[str] | None = None,
     drop_bad_rows: bool = False,
+    arm_alias: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, BadRows]:
     """Check every rule on a wide ratings table; return (clean typed table, bad rows).
 
     `positions` labels each row in messages; by default "line N" with the CSV header as line 1.
-    A `kind` column (from the rating app: main/retest/attention) is kept; duplicates are only
-    checked among 'main' rows because a retest is by design a second rating of the same image.
+    A `kind` column (from the rating app: main/retest/attention) is kept; any other value, empty
+    included, is a bad row. Duplicates are only checked among 'main' rows because a retest is by
+    design a second rating of the same image. Seeds are exact 64-bit integers (signed, or unsigned as
+    ComfyUI writes them). Arm names that differ only in case are refused unless `arm_alias` maps
+    one spelling onto the other: they would otherwise silently become separate arms.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
@@ -115,12 +129,18 @@ def validate_ratings(
     flag(raw[list(REQUIRED_COLUMNS)].isna().all(axis=1).to_numpy(), "empty line")
     stripped = {}
     for column in ("rater", "arm", "prompt"):
-        stripped[column] = raw[column].astype(str).str.strip()
+        stripped[column] = _stripped_text(raw[column])
         flag(raw[column].isna().to_numpy() | (stripped[column] == "").to_numpy(), f"missing {column}")
 
-    seed = pd.to_numeric(raw["seed"], errors="coerce").to_numpy(dtype=float)
-    bad_seed = ~np.isfinite(seed) | (seed != np.round(seed))
-    flag(bad_seed, _describer("seed", raw["seed"], "must be an integer"))
+    if arm_alias:
+        stripped["arm"] = stripped["arm"].replace(dict(arm_alias))
+    flag(*_case_variant_arms(stripped["arm"]))
+    if "kind" in raw.columns:
+        kind = _stripped_text(raw["kind"])
+        flag(~kind.isin(KINDS).to_numpy() | raw["kind"].isna().to_numpy(), _describer("kind", raw["kind"], f"must be one of {', '.join(KINDS)}"))
+
+    seed, bad_seed, seed_reasons = parse_seeds(raw["seed"])
+    flag(bad_seed, lambda rows: [seed_reasons[i] for i in rows.tolist()])
 
     scores = {}
     for dim in DIMENSION_KEYS:
@@ -132,11 +152,13 @@ def validate_ratings(
     clean = pd.DataFrame(
         {
             **stripped,
-            "seed": np.where(bad_seed, -1, np.nan_to_num(seed)).astype(np.int64),
+            "seed": seed,
             **{dim: np.nan_to_num(scores[dim]).astype(np.int64) for dim in DIMENSION_KEYS},
         }
     )
-    for extra in ("kind", "image_id", "expected"):
+    if "kind" in raw.columns:
+        clean["kind"] = kind.to_numpy()
+    for extra in ("image_id", "expected"):
         if extra in raw.columns:
             clean[extra] = raw[extra].to_numpy()
 
@@ -168,6 +190,89 @@ def validate_ratings(
     if clean.empty:
         raise FangzhiError(f"{source}: no valid rating rows")
     return clean, bad_rows
+
+
+def _stripped_text(values: pd.Series) -> pd.Series:
+    """Values as text without surrounding spaces; each distinct value is stripped once (a million rows hold a few hundred)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    texts = np.array([str(v).strip() for v in uniques], dtype=object)
+    return pd.Series(texts[codes] if len(texts) else np.array([], dtype=object), index=values.index)
+
+
+def parse_seeds(values: pd.Series) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Seeds as exact 64-bit integers: (int64 or uint64 array, bad-row mask, reason per bad row).
+
+    Integer columns are taken as they are; anything else is parsed value by value from its text,
+    because a detour through float64 merges seeds above 2^53. A file may use the signed or the
+    unsigned range, not both (no numpy integer type holds both).
+    """
+    if pd.api.types.is_integer_dtype(values) and not pd.api.types.is_extension_array_dtype(values):
+        return values.to_numpy(), np.zeros(len(values), dtype=bool), {}
+    parsed: list[int | None] = []
+    reasons: dict[int, str] = {}
+    for i, value in enumerate(values.to_numpy(dtype=object)):
+        number, reason = _one_seed(value)
+        parsed.append(number)
+        if reason == "empty":
+            reasons[i] = "seed is empty; must be an integer"
+        elif reason:
+            reasons[i] = f"seed is {_as_written(value)!r}; {reason}"
+    good = [v for v in parsed if v is not None]
+    if good and min(good) < 0 and max(good) > INT64_MAX:
+        for i, v in enumerate(parsed):
+            if v is not None and v > INT64_MAX:
+                reasons[i] = f"seed is {v}; the file mixes negative seeds with seeds above 2^63−1 (signed and unsigned 64-bit ranges); use one range"
+    bad = np.zeros(len(values), dtype=bool)
+    bad[list(reasons)] = True
+    unsigned = bool(good) and max(good) > INT64_MAX and min(good) >= 0
+    filled = [0 if v is None or i in reasons else v for i, v in enumerate(parsed)]
+    return np.array(filled, dtype=np.uint64 if unsigned else np.int64), bad, reasons
+
+
+def _one_seed(value: object) -> tuple[int | None, str]:
+    """(seed, "") or (None, why not) for one value as read from the file."""
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None, "empty"
+    if isinstance(value, (bool, np.bool_)):
+        return None, "must be an integer"
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            return None, "must be an integer"
+        if abs(value) > FLOAT_EXACT_MAX:
+            return None, "is stored as a floating-point number, which cannot hold every seed above 2^53 exactly; store seeds as integers"
+        number = int(value)
+    else:
+        text = str(value).strip()
+        if not text:
+            return None, "empty"
+        if not INTEGER_TEXT.fullmatch(text):
+            return None, "must be an integer"
+        number = int(text)
+    if not SEED_MIN <= number <= SEED_MAX:
+        return None, "does not fit in 64 bits (signed from −2^63, unsigned up to 2^64−1)"
+    return number, ""
+
+
+def _case_variant_arms(arms: pd.Series) -> tuple[np.ndarray, Callable[[np.ndarray], list[str]]]:
+    """Rows whose arm differs from a more frequent arm name only in case, and their reason texts."""
+    counts = arms.value_counts()
+    folded = counts.groupby(counts.index.str.casefold(), sort=False)
+    canonical: dict[str, str] = {}
+    for _, group in folded:
+        if len(group) > 1:
+            keep = group.index[0]  # value_counts sorts by frequency: the most common spelling
+            canonical.update({spelling: keep for spelling in group.index[1:]})
+    mask = arms.isin(list(canonical)).to_numpy()
+
+    def describe(rows: np.ndarray) -> list[str]:
+        return [
+            f"arm {arm!r} differs from arm {canonical[arm]!r} only in case; fix the file or pass --arm-alias {arm}={canonical[arm]}"
+            for arm in arms.to_numpy()[rows]
+        ]
+
+    return mask, describe
 
 
 def _labels(positions: list[str] | None, index: np.ndarray) -> list[str]:

@@ -1,4 +1,4 @@
-"""Inter-rater reliability (Krippendorff's ordinal alpha, ICC(2,k)) and test–retest agreement.
+"""Inter-rater reliability (Krippendorff's ordinal alpha, ICC(2,k)) within each arm and pooled, and test–retest agreement.
 
 Attention checks follow the study's one QC rule in `fangzhi.studydb.qc`.
 
@@ -18,6 +18,7 @@ import pandas as pd
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 
 ALPHA_FLAG_BELOW = 0.4
+POOLED_SCOPE = "pooled (all arms)"
 SCORE_DOMAIN = np.arange(SCORE_MIN, SCORE_MAX + 1)
 
 
@@ -27,11 +28,13 @@ def krippendorff_alpha(units: np.ndarray, values: np.ndarray, level: str = "ordi
     Returns NaN when alpha is undefined: fewer than two pairable values, or no variation at all
     (every pairable value equal, so the expected disagreement is zero).
     """
-    unit_codes, units_index = np.unique(units, return_inverse=True)
+    if units.dtype.kind not in "iu" or units.size == 0 or units.min() < 0:
+        units = np.unique(units, return_inverse=True)[1]  # any labels to dense codes; integer codes are used as they are
+    n_units = int(units.max()) + 1 if units.size else 0
     value_index = np.searchsorted(value_domain, values)
-    counts = np.bincount(units_index * len(value_domain) + value_index, minlength=len(unit_codes) * len(value_domain))
-    counts = counts.reshape(len(unit_codes), len(value_domain))
-    pairable = counts[counts.sum(axis=1) >= 2]
+    counts = np.bincount(units * len(value_domain) + value_index, minlength=n_units * len(value_domain))
+    counts = counts.reshape(n_units, len(value_domain))
+    pairable = counts[counts.sum(axis=1) >= 2]  # also drops codes with no rating in this subset
     if pairable.sum() < 2 or np.count_nonzero(pairable.sum(axis=0)) < 2:
         return float("nan")
     return float(krippendorff.alpha(value_counts=pairable, value_domain=value_domain, level_of_measurement=level))
@@ -80,34 +83,49 @@ def rating_matrices(ratings: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.nd
 
 
 def reliability_table(ratings: pd.DataFrame) -> pd.DataFrame:
-    """Per dimension: ordinal alpha over all images, ICC(2,1)/ICC(2,k) over images every rater scored."""
+    """Per dimension and arm, then pooled over arms: ordinal alpha over all images, ICC(2,1)/ICC(2,k) over images every rater scored.
+
+    The within-arm rows carry the agreement flag. Pooling both arms adds the arms' difference to the
+    between-image variance, which inflates agreement whenever the arms differ; the pooled row is
+    shown, labelled, but never flagged or trusted on its own.
+    """
     matrices, image_code, rater_names = rating_matrices(ratings)
+    image_arm = pd.Series(ratings["arm"].to_numpy()).groupby(image_code).first()
+    arms = [str(a) for a in pd.unique(ratings["arm"])]
+    scopes = [(arm, True, (ratings["arm"] == arm).to_numpy(), (image_arm == arm).to_numpy()) for arm in sorted(arms)]
+    scopes.append((POOLED_SCOPE, False, np.ones(len(ratings), dtype=bool), np.ones(len(image_arm), dtype=bool)))
     rows = []
     for dim in DIMENSION_KEYS:
-        matrix = matrices[dim]
-        complete = matrix[~np.isnan(matrix).any(axis=1)]
-        alpha = krippendorff_alpha(image_code, ratings[dim].to_numpy())
-        icc_1, icc_k = icc2(complete)
-        notes = []
-        if np.isnan(alpha):
-            notes.append("alpha undefined (no variation in the ratings, or no image with two ratings)")
-        elif alpha < ALPHA_FLAG_BELOW:
-            notes.append(f"alpha below {ALPHA_FLAG_BELOW}: raters disagree; treat this dimension's means with caution")
-        if np.isnan(icc_k):
-            notes.append("ICC undefined (needs ≥2 raters who all scored ≥2 images, and some variance)")
-        rows.append(
-            {
-                "dimension": dim,
-                "krippendorff_alpha_ordinal": alpha,
-                "alpha_flag": bool(np.isfinite(alpha) and alpha < ALPHA_FLAG_BELOW),
-                "icc2_1": icc_1,
-                "icc2_k": icc_k,
-                "n_images": int(matrix.shape[0]),
-                "n_raters": len(rater_names),
-                "n_images_all_raters": int(complete.shape[0]),
-                "note": "; ".join(notes),
-            }
-        )
+        values = ratings[dim].to_numpy()
+        for scope, within_arm, rating_mask, image_mask in scopes:
+            matrix = matrices[dim][image_mask]
+            complete = matrix[~np.isnan(matrix).any(axis=1)]
+            alpha = krippendorff_alpha(image_code[rating_mask], values[rating_mask])
+            icc_1, icc_k = icc2(complete)
+            flagged = bool(within_arm and np.isfinite(alpha) and alpha < ALPHA_FLAG_BELOW)
+            notes = []
+            if np.isnan(alpha):
+                notes.append("alpha undefined (no variation in the ratings, or no image with two ratings)")
+            elif flagged:
+                notes.append(f"alpha below {ALPHA_FLAG_BELOW} within this arm: raters disagree; treat this dimension's means with caution")
+            if not within_arm:
+                notes.append("pooled over arms: a difference between the arms inflates agreement; the within-arm rows carry the flag")
+            if np.isnan(icc_k):
+                notes.append("ICC undefined (needs ≥2 raters who all scored ≥2 images, and some variance)")
+            rows.append(
+                {
+                    "dimension": dim,
+                    "scope": scope,
+                    "krippendorff_alpha_ordinal": alpha,
+                    "alpha_flag": flagged,
+                    "icc2_1": icc_1,
+                    "icc2_k": icc_k,
+                    "n_images": int(matrix.shape[0]),
+                    "n_raters": len(rater_names),
+                    "n_images_all_raters": int(complete.shape[0]),
+                    "note": "; ".join(notes),
+                }
+            )
     return pd.DataFrame(rows)
 
 

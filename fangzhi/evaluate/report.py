@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import math
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,53 @@ import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 from fangzhi.evaluate.table import ROW_NAMES, SCORE_ROWS
+
+# Fonts that cover Chinese, best first; the Debian package fonts-noto-cjk provides the first ones.
+CJK_FONTS: tuple[str, ...] = (
+    "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK JP", "Noto Serif CJK SC", "Source Han Sans SC", "Source Han Sans CN",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC",
+)
+CJK_FONT_FILES = re.compile(r"cjk|wqy|wenquanyi|sourcehan|simhei|msyh|pingfang", re.IGNORECASE)
+CJK_TEXT = re.compile(r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+
+def find_cjk_font() -> str | None:
+    """Name of an installed font that covers Chinese, or None.
+
+    matplotlib's font cache is built once; fonts installed later (apt install fonts-noto-cjk) are
+    added from the system font folders the first time they are needed.
+    """
+    from matplotlib import font_manager
+
+    def known() -> str | None:
+        names = {font.name for font in font_manager.fontManager.ttflist}
+        return next((name for name in CJK_FONTS if name in names), None)
+
+    name = known()
+    if name is None:
+        for path in font_manager.findSystemFonts():
+            if CJK_FONT_FILES.search(Path(path).name):
+                with contextlib.suppress(Exception):  # a broken font file must not stop the report
+                    font_manager.fontManager.addfont(path)
+        name = known()
+    return name
+
+
+@contextlib.contextmanager
+def fonts_for(texts: list[str]):
+    """Plot with a CJK-capable font when any label is Chinese; warn once (naming the package) when none is installed."""
+    if not any(CJK_TEXT.search(str(text)) for text in texts):
+        yield
+        return
+    name = find_cjk_font()
+    if name is None:
+        warnings.warn("plots: no Chinese-capable font is installed, so Chinese names show as empty boxes; install one (Debian/Ubuntu: apt install fonts-noto-cjk)", stacklevel=3)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # said once above, not once per glyph
+            yield
+        return
+    with matplotlib.rc_context({"font.family": "sans-serif", "font.sans-serif": [name, *matplotlib.rcParams["font.sans-serif"]]}):
+        yield
 
 
 def titled(text: str, title_note: str | None) -> str:

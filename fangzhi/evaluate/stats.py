@@ -1,50 +1,92 @@
-"""Paired comparison of two arms: Wilcoxon signed-rank (primary), paired t (sensitivity), effect sizes,
-bootstrap CI of the mean difference, Holm correction across the four dimensions and the comprehensive score.
+"""Paired comparison of two arms at three units, with the prompt as the primary one.
 
-Two pairings are reported:
-- images: the same (prompt, seed) in both arms, each image's score averaged over its raters
-  (the independent unit is the prompt × seed pair);
-- ratings: the same (rater, prompt, seed), i.e. one rater's two scores of a pair. These pairs are not
-  independent (one rater contributes many), so this reading is a sensitivity check, not the headline.
+The study's question is whether the LoRA arm is rated higher *for a prompt* than the base model.
+Seeds of one prompt share that prompt's effect (and its own LoRA − base difference), and each rater
+has their own taste for the LoRA style, so images and ratings are not independent units. The primary
+test therefore pairs prompts:
+
+- prompts (primary): each prompt's score per arm is the mean over its images (seeds), each image's score
+  the mean of its raters' scores; one difference per prompt.
+- images (secondary): the same (prompt, seed) in both arms, each image averaged over its raters.
+  Treats the seeds of one prompt as independent: too optimistic when prompts differ in their LoRA effect.
+- ratings (secondary): one rater's two scores of a (prompt, seed) pair. Also ignores that a rater's
+  ratings belong together; a descriptive reading only.
 
 Differences are always `other − baseline`, so a positive difference favours the LoRA arm.
+The crossed mixed model (`fangzhi.evaluate.mixed`) models raters and prompts together.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pingouin
+from scipy import special
 from scipy import stats as sps
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.evaluate.table import SCORE_ROWS
 
-PairBy = Literal["images", "ratings"]
-PAIR_KEYS: dict[str, list[str]] = {"images": ["prompt", "seed"], "ratings": ["rater", "prompt", "seed"]}
+Unit = Literal["prompts", "images", "ratings"]
+PRIMARY_UNIT: Unit = "prompts"
+UNITS: tuple[Unit, ...] = ("prompts", "images", "ratings")
+PAIR_KEYS: dict[str, list[str]] = {"prompts": ["prompt"], "images": ["prompt", "seed"], "ratings": ["rater", "prompt", "seed"]}
+UNIT_NOTES: dict[str, str] = {
+    "prompts": "prompts (primary): one pair per prompt, seeds and raters averaged within prompt and arm",
+    "images": "images (secondary): one pair per (prompt, seed), raters averaged; the seeds of a prompt are not independent",
+    "ratings": "ratings (secondary): one pair per rater × (prompt, seed); neither raters nor prompts are independent units",
+}
+# Up to this many non-zero differences the signed-rank p-value is exact (the full permutation
+# distribution of the statistic given the observed ranks, ties included); beyond it the
+# tie-corrected normal approximation is indistinguishable and far cheaper.
+EXACT_MAX_PAIRS = 50
+# Means of integer scores computed in different orders can differ in the last bit; differences equal
+# to this many decimals are the same difference (a tie, or zero).
+TIE_DECIMALS = 9
+# A multinomial count costs about twice an index draw plus its gather (measured with numpy 2.4).
+BOOTSTRAP_INDEX_COST = 2
 WILCOXON_NOTE = (
-    "Wilcoxon signed-rank test (scipy.stats.wilcoxon, two-sided, zero_method='wilcox': pairs with zero "
-    "difference are dropped before ranking, tied |differences| get average ranks; method='auto': exact null "
-    "distribution for ≤50 pairs without ties, exhaustive permutation for ≤13 pairs with ties or zeros, "
-    "otherwise the tie-corrected normal approximation without continuity correction). "
-    "Effect size: matched-pairs rank-biserial correlation (Kerby 2014) over the non-zero differences. "
-    "Sensitivity: paired t-test with Cohen's dz = mean(d) / SD(d). "
-    "95% CI of the mean difference: percentile bootstrap over pairs. "
-    "Holm correction across the four dimensions and the comprehensive score, within each arm comparison and pairing."
+    "Wilcoxon signed-rank test, two-sided: pairs with zero difference are dropped, tied |differences| get "
+    f"average ranks; p is exact (the permutation distribution of the statistic given those ranks) for ≤ {EXACT_MAX_PAIRS} "
+    "non-zero pairs, otherwise the tie-corrected normal approximation without continuity correction. "
+    "Effect size: matched-pairs rank-biserial correlation (Kerby 2014). Also the paired t-test with Cohen's dz = mean(d) / SD(d). "
+    "95% CI of the mean difference: percentile bootstrap resampling the unit (prompts in the primary rows). "
+    "Holm correction across the four dimensions and the comprehensive score, within each arm comparison and unit. "
+    "Rows with unit images or ratings are secondary: they treat seeds (and raters) as independent and overstate the evidence "
+    "when prompts or raters differ in their LoRA effect."
 )
 
 
-def paired_scores(ratings: pd.DataFrame, baseline_arm: str, other_arm: str, pair_by: PairBy) -> tuple[pd.DataFrame, int]:
-    """Pairs of scores with columns `<score>_base`, `<score>_other` per score row; and how many units had no partner."""
-    keys = PAIR_KEYS[pair_by]
-    scores = ratings[[*keys, "arm", *DIMENSION_KEYS]]
-    if pair_by == "images":
-        scores = scores.groupby(["arm", *keys], sort=False, observed=True)[list(DIMENSION_KEYS)].mean().reset_index()
+def image_means(ratings: pd.DataFrame) -> pd.DataFrame:
+    """Each image's dimension scores averaged over its raters, indexed by (arm, prompt, seed)."""
+    return ratings.groupby(["arm", "prompt", "seed"], sort=False, observed=True)[list(DIMENSION_KEYS)].mean()
+
+
+def unit_scores(ratings: pd.DataFrame, unit: Unit, images: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (arm, unit) with the four dimension scores and the comprehensive score.
+
+    `images` (from `image_means`) saves recomputing the image means when several units are needed.
+    """
+    keys = PAIR_KEYS[unit]
+    columns = list(DIMENSION_KEYS)
+    if unit == "ratings":
+        scores = ratings[["arm", *keys, *columns]].astype({d: float for d in columns})
     else:
-        scores = scores.astype({d: float for d in DIMENSION_KEYS})
-    scores = scores.assign(comprehensive=scores[list(DIMENSION_KEYS)].mean(axis=1))
+        scores = image_means(ratings) if images is None else images
+        if unit == "prompts":
+            scores = scores.groupby(level=["arm", "prompt"], sort=False, observed=True).mean()
+        scores = scores.reset_index()
+    return scores.assign(comprehensive=scores[columns].mean(axis=1))
+
+
+def paired_scores(
+    ratings: pd.DataFrame, baseline_arm: str, other_arm: str, unit: Unit, images: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, int]:
+    """Pairs of scores with columns `<score>_base`, `<score>_other` per score row; and how many units had no partner."""
+    keys = PAIR_KEYS[unit]
+    scores = unit_scores(ratings, unit, images)
     base = scores.loc[scores["arm"] == baseline_arm].drop(columns="arm").set_index(keys).add_suffix("_base")
     other = scores.loc[scores["arm"] == other_arm].drop(columns="arm").set_index(keys).add_suffix("_other")
     pairs = base.join(other, how="inner")
@@ -54,11 +96,66 @@ def paired_scores(ratings: pd.DataFrame, baseline_arm: str, other_arm: str, pair
 
 def rank_biserial(diff: np.ndarray) -> float:
     """Matched-pairs rank-biserial r = (R+ − R−) / (R+ + R−) over non-zero differences (Kerby 2014)."""
-    nonzero = diff[diff != 0]
-    if nonzero.size == 0:
+    ranks = _signed_ranks(diff)
+    if ranks is None:
         return float("nan")
-    ranks = sps.rankdata(np.abs(nonzero))
-    return float((ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum())
+    n, r_plus, _, _ = ranks
+    total = n * (n + 1) / 2
+    return float((2 * r_plus - total) / total)
+
+
+def _signed_ranks(diff: np.ndarray) -> tuple[int, float, np.ndarray, np.ndarray] | None:
+    """(n non-zero, R+, tie-group sizes, their average ranks) of |diff| without zeros; None when all are zero.
+
+    Ranks are computed over the distinct differences with their counts: a million ratings on a 1–5
+    scale have a few dozen, so one sort of the data is the whole cost.
+    """
+    diff = np.round(np.asarray(diff, dtype=float), TIE_DECIMALS)
+    values, counts = np.unique(diff[diff != 0], return_counts=True)
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    magnitude_of_value = np.unique(np.abs(values), return_inverse=True)[1]
+    tied = np.bincount(magnitude_of_value, weights=counts)  # how many differences share each |value|
+    average_rank = np.cumsum(tied) - (tied - 1) / 2
+    r_plus = float((counts * average_rank[magnitude_of_value])[values > 0].sum())
+    return n, r_plus, tied, average_rank
+
+
+@lru_cache(maxsize=4096)
+def _signed_rank_null(doubled_ranks: tuple[int, ...]) -> np.ndarray:
+    """P(2·R+ = k) for k = 0..sum under random signs, given the (doubled, so integer) ranks."""
+    distribution = np.zeros(sum(doubled_ranks) + 1)
+    distribution[0] = 1.0
+    for rank in doubled_ranks:
+        distribution[rank:] = 0.5 * distribution[rank:] + 0.5 * distribution[:-rank].copy()
+        distribution[:rank] *= 0.5
+    return distribution
+
+
+def signed_rank_test(diff: np.ndarray) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank test on paired differences: (W = min(R+, R−), p).
+
+    Zeros are dropped, ties get average ranks. With ≤ EXACT_MAX_PAIRS non-zero differences p comes
+    from the exact permutation distribution (equal to scipy's exact test without ties and to its
+    exhaustive permutation test with ties); beyond, from the tie-corrected normal approximation.
+    NaN, NaN when every difference is zero. The power simulation calls this same function.
+    """
+    ranks = _signed_ranks(diff)
+    if ranks is None:
+        return float("nan"), float("nan")
+    n, r_plus, tied, average_rank = ranks
+    total = n * (n + 1) / 2
+    statistic = min(r_plus, total - r_plus)
+    if n <= EXACT_MAX_PAIRS:
+        doubled = np.repeat(np.rint(2 * average_rank).astype(np.int64), tied.astype(np.int64))
+        null = _signed_rank_null(tuple(doubled.tolist()))
+        observed = int(round(2 * r_plus))
+        tail = min(null[: observed + 1].sum(), null[observed:].sum())
+        return statistic, float(min(1.0, 2 * tail))
+    variance = n * (n + 1) * (2 * n + 1) / 24 - (tied**3 - tied).sum() / 48
+    z = (r_plus - total / 2) / np.sqrt(variance)
+    return statistic, float(min(1.0, 2 * special.ndtr(-abs(z))))
 
 
 def cohens_dz(diff: np.ndarray) -> float:
@@ -67,31 +164,32 @@ def cohens_dz(diff: np.ndarray) -> float:
 
 
 def bootstrap_mean_ci(diff: np.ndarray, n_boot: int, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean, resampling pairs with replacement.
+    """Percentile bootstrap CI of the mean, resampling pairs (the unit) with replacement.
 
-    A resample's mean depends only on how often each distinct value is drawn, so we draw multinomial
-    counts over the distinct differences. This is the ordinary bootstrap exactly, but with rating data
-    (a few dozen distinct values) it costs O(n_boot × distinct) instead of O(n_boot × n).
+    Two exact ways to draw the same resamples, whichever is cheaper: indices (n_boot × n draws; few
+    units, e.g. prompts), or multinomial counts over the distinct differences (n_boot × distinct draws;
+    many units with few distinct values, e.g. a million ratings on a 1–5 scale).
     """
     if diff.size < 2:
         return float("nan"), float("nan")
     values, counts = np.unique(diff, return_counts=True)
-    draws = rng.multinomial(diff.size, counts / diff.size, size=n_boot)
-    means = draws @ values / diff.size
+    if diff.size <= BOOTSTRAP_INDEX_COST * values.size:
+        chunk = max(1, 4_000_000 // diff.size)  # resamples per batch, so memory stays near 32 MB
+        means = np.concatenate(
+            [diff[rng.integers(0, diff.size, (min(chunk, n_boot - start), diff.size))].mean(axis=1) for start in range(0, n_boot, chunk)]
+        )
+    else:
+        draws = rng.multinomial(diff.size, counts / diff.size, size=n_boot)
+        means = draws @ values / diff.size
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
 
 
 def compare_pair(base: np.ndarray, other: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict[str, float]:
-    """All paired statistics of one score for one pairing."""
-    diff = other - base
-    nonzero = int(np.count_nonzero(diff))
-    if nonzero > 0:
-        wilcoxon = sps.wilcoxon(other, base, zero_method="wilcox", alternative="two-sided")
-        w_stat, w_p = float(wilcoxon.statistic), float(wilcoxon.pvalue)
-    else:  # every pair tied: there is nothing to rank and no evidence of a difference
-        w_stat, w_p = float("nan"), float("nan")
+    """All paired statistics of one score for one unit."""
+    diff = np.round(other - base, TIE_DECIMALS)
+    w_stat, w_p = signed_rank_test(diff)
     if diff.size > 1 and diff.std() > 0:
         ttest = sps.ttest_rel(other, base)
         t_stat, t_p = float(ttest.statistic), float(ttest.pvalue)
@@ -100,7 +198,7 @@ def compare_pair(base: np.ndarray, other: np.ndarray, n_boot: int, rng: np.rando
     ci_low, ci_high = bootstrap_mean_ci(diff, n_boot, rng)
     return {
         "n_pairs": int(diff.size),
-        "n_zero_diff": int(diff.size - nonzero),
+        "n_zero_diff": int(diff.size - np.count_nonzero(diff)),
         "mean_base": float(base.mean()),
         "mean_other": float(other.mean()),
         "mean_diff": float(diff.mean()),
@@ -118,7 +216,13 @@ def compare_pair(base: np.ndarray, other: np.ndarray, n_boot: int, rng: np.rando
 
 def holm(pvalues: np.ndarray) -> np.ndarray:
     """Holm-adjusted p-values; undefined (NaN) p-values stay NaN and do not count as tests."""
-    return pingouin.multicomp(np.asarray(pvalues, dtype=float), method="holm")[1]
+    pvalues = np.asarray(pvalues, dtype=float)
+    adjusted = np.full(pvalues.shape, np.nan)
+    defined = np.flatnonzero(np.isfinite(pvalues))
+    order = defined[np.argsort(pvalues[defined], kind="stable")]
+    steps = pvalues[order] * (len(order) - np.arange(len(order)))
+    adjusted[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
+    return adjusted
 
 
 def compare_arms(
@@ -128,20 +232,26 @@ def compare_arms(
     n_boot: int = 10_000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per (other arm, pairing, score) with the paired statistics and Holm-adjusted p-values."""
+    """One row per (other arm, unit, score) with the paired statistics and Holm-adjusted p-values.
+
+    `primary` is true on the prompt-level rows: exactly one row per (other arm, score).
+    """
     rng = np.random.default_rng(seed)
+    images = image_means(ratings)
     rows = []
     for other_arm in arms:
         if other_arm == baseline_arm:
             continue
-        for pair_by in ("images", "ratings"):
-            pairs, unpaired = paired_scores(ratings, baseline_arm, other_arm, pair_by)
+        for unit in UNITS:
+            pairs, unpaired = paired_scores(ratings, baseline_arm, other_arm, unit, images)
             if len(pairs) == 0:
                 continue
             block = []
             for score in SCORE_ROWS:
                 result = compare_pair(pairs[f"{score}_base"].to_numpy(), pairs[f"{score}_other"].to_numpy(), n_boot, rng)
-                block.append({"arm": other_arm, "baseline": baseline_arm, "pair_by": pair_by, "score": score, "n_unpaired": unpaired, **result})
+                block.append(
+                    {"arm": other_arm, "baseline": baseline_arm, "unit": unit, "primary": unit == PRIMARY_UNIT, "score": score, "n_unpaired": unpaired, **result}
+                )
             wilcoxon_holm = holm(np.array([r["wilcoxon_p"] for r in block]))
             t_holm = holm(np.array([r["t_p"] for r in block]))
             for row, pw, pt in zip(block, wilcoxon_holm, t_holm):

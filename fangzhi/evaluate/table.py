@@ -14,6 +14,7 @@ taken over units like any dimension.
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
 import numpy as np
@@ -71,9 +72,19 @@ def summary_table(ratings: pd.DataFrame, sd_over: SdOver, arms: list[str]) -> pd
     return pd.DataFrame(rows)
 
 
+def half_up(value: float, decimals: int) -> str:
+    """`value` to `decimals` places, halves rounded away from zero as the paper's tables do (3.05 → 3.1, 2.625 → 2.63).
+
+    Python's format rounds the binary double half-to-even (3.05 is stored as 3.04999…, so it prints
+    3.0); rounding the shortest decimal that reads back as the double rounds the number the reader sees.
+    """
+    if not np.isfinite(value):
+        return "–"
+    return str(Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP))
+
+
 def _cell(mean: float, sd: float, decimals: int) -> str:
-    sd_text = "–" if np.isnan(sd) else f"{sd:.{decimals}f}"
-    return f"{mean:.{decimals}f} ± {sd_text}"
+    return f"{half_up(mean, decimals)} ± {half_up(sd, decimals)}"
 
 
 def paper_table(summary: pd.DataFrame, arms: list[str]) -> pd.DataFrame:
@@ -127,12 +138,12 @@ def to_latex(table: pd.DataFrame, title: str, note: str) -> str:
 
 
 def to_csv_frame(summary: pd.DataFrame, arms: list[str]) -> pd.DataFrame:
-    """Paper layout for the CSV: one row per dimension, `<arm>_mean, <arm>_sd, <arm>_n` columns, two decimals."""
+    """Paper layout for the CSV: one row per dimension, `<arm>_mean, <arm>_sd, <arm>_n` columns, two decimals (half up)."""
     wide = pd.DataFrame({"dimension": [ROW_NAMES[s] for s in SCORE_ROWS], "key": list(SCORE_ROWS)})
     for arm in arms:
         part = summary[summary["arm"] == arm].set_index("score").loc[list(SCORE_ROWS)]
-        wide[f"{arm}_mean"] = part["mean"].round(2).to_numpy()
-        wide[f"{arm}_sd"] = part["sd"].round(2).to_numpy()
+        wide[f"{arm}_mean"] = [float(half_up(v, 2)) if np.isfinite(v) else np.nan for v in part["mean"]]
+        wide[f"{arm}_sd"] = [float(half_up(v, 2)) if np.isfinite(v) else np.nan for v in part["sd"]]
         wide[f"{arm}_n"] = part["n"].to_numpy()
     return wide
 
