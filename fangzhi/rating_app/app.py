@@ -50,8 +50,9 @@ PAGE_CSS = """
 header[data-testid="stHeader"] { display: none; }
 [data-testid="stMainBlockContainer"] { padding: 0.6rem 1.5rem 1rem; max-width: 100%; }
 [data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
-.st-key-item-image img { max-height: calc(100vh - 11.5rem); width: 100%; object-fit: contain; }
-.st-key-references img { max-height: 6rem; object-fit: contain; }
+.st-key-item-image img { max-height: calc(100vh - 13rem); width: 100%; object-fit: contain; }
+.st-key-references [data-testid="stElementContainer"] { width: auto !important; flex: 0 0 auto; }
+.st-key-references img { height: 4.6rem; width: auto !important; }
 .st-key-questions [data-testid="stRadio"] { padding: 0.15rem 0.4rem; border-radius: 0.4rem; }
 .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.72rem; line-height: 1.15; }
 .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.2rem 0.9rem; flex-wrap: nowrap; }
@@ -64,7 +65,8 @@ div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErro
 @media (max-width: 640px) {
   [data-testid="stMainBlockContainer"] { padding: 0.4rem 0.6rem 1rem; }
   .st-key-item-image img { max-height: 62vh; }
-  .st-key-references img { max-height: 3.2rem; }
+  .st-key-references img { height: 2.3rem; }
+  .st-key-references { gap: 0.35rem; }
   .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.62rem; }
   .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.1rem 0.3rem; }
 }
@@ -83,6 +85,7 @@ PAGE_SCRIPT = """
   const choices = (q) => [...q.querySelectorAll('input[type="radio"]')];
   const draftKey = (m) => `fangzhi-draft-${m.dataset.rater}-${m.dataset.item}`;
   const answers = () => questions().map((q) => choices(q).findIndex((c) => c.checked));
+  const choose = (q, index) => choices(q)[index].closest('label').click();
   function highlight() {
     questions().forEach((q, i) => q.classList.toggle('fz-current', i === current));
   }
@@ -96,7 +99,7 @@ PAGE_SCRIPT = """
     if (!draft) return;
     if (draft.saved !== m.dataset.saved) { localStorage.removeItem(draftKey(m)); return; }
     if (answers().some((a) => a >= 0) || !draft.answers.some((a) => a >= 0)) return;
-    questions().forEach((q, i) => { if (draft.answers[i] >= 0) q.querySelectorAll('label')[draft.answers[i]].click(); });
+    questions().forEach((q, i) => { if (draft.answers[i] >= 0) choose(q, draft.answers[i]); });
     const note = document.createElement('div');
     note.className = 'fz-restored';
     note.textContent = m.dataset.restored;
@@ -124,9 +127,14 @@ PAGE_SCRIPT = """
     if (e.key >= '1' && e.key <= '5') {
       const q = questions()[current];
       if (!q) return;
-      q.querySelectorAll('label')[Number(e.key) - 1].click();
+      choose(q, Number(e.key) - 1);
       current = Math.min(current + 1, questions().length - 1);
       highlight();
+      e.preventDefault();
+      e.stopPropagation();
+    } else if (e.key === 'Enter' && !(t && t.tagName === 'BUTTON')) {
+      // Also when a choice has focus, where Streamlit's own shortcut does not fire.
+      document.querySelector(`.st-key-save-${marker().dataset.item} button`)?.click();
       e.preventDefault();
       e.stopPropagation();
     } else if (e.key === 'ArrowUp' || e.key === 'ArrowDown') {
