@@ -53,7 +53,9 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a new server could listen on the port (servers set SO_REUSEADDR, so old connections do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -316,6 +318,7 @@ def test_rate_reload_review_and_nothing_leaks(live_app, browser, tracker):
     frames: list[bytes] = []
     media: list[tuple[str, str, bytes]] = []
     media_urls: list[str] = []
+    item_image_urls: set[str] = set()
     dom_snapshots: list[str] = []
     visible_texts: list[str] = []
     chosen: list[dict[str, int]] = []
@@ -330,11 +333,13 @@ def test_rate_reload_review_and_nothing_leaks(live_app, browser, tracker):
             media_urls.append(response.url)
 
     def snapshot(page) -> None:
+        item_image_urls.add(urllib.parse.urlparse(page.locator(".st-key-item-image img").get_attribute("src")).path)
         dom_snapshots.append(page.content())
         visible_texts.append(page.inner_text("body"))
         while media_urls:  # fetched again here: event handlers may not call back into Playwright
             response = page.request.get(media_urls.pop())
-            media.append((response.url, response.headers.get("content-type", ""), response.body()))
+            if response.status == 200:  # the media of an item the session has moved on from are gone
+                media.append((response.url, response.headers.get("content-type", ""), response.body()))
 
     context = browser.new_context(viewport=DESKTOP)
     page = context.new_page()
@@ -405,14 +410,15 @@ def test_rate_reload_review_and_nothing_leaks(live_app, browser, tracker):
             assert secret.encode() not in blob, f"{secret!r} reached the browser in a {source}"
     for text in visible_texts:
         assert not re.search(r"\b(base|lora|seed|arm)\b", text, flags=re.IGNORECASE), text
-    item_images = [(url, body) for url, _, body in media if Image.open(io.BytesIO(body)).size == (512, 512) and len(body) > 60_000]
+    item_images = [(url, body) for url, _, body in media if urllib.parse.urlparse(url).path in item_image_urls]
     for url, content_type, body in media:
         assert content_type == "image/jpeg", url
         image = Image.open(io.BytesIO(body))
         assert not {"parameters", "exif", "icc_profile", "comment"} & set(image.info), (url, image.info.keys())
         assert len(body) < 400_000
     # Every rated image arrives at the one padded length of the study.
-    assert item_images and len({len(body) for _, body in item_images}) == 1
+    assert item_images, (item_image_urls, [url for url, _, _ in media])
+    assert len({len(body) for _, body in item_images}) == 1
 
 
 # ---- the server: SIGTERM, restart, and unsaved choices ---------------------------------------
@@ -431,6 +437,8 @@ def test_sigterm_frees_the_port_and_unsaved_choices_survive_a_restart(study_db, 
 
     rate = start()
     page = open_rater(browser, f"http://127.0.0.1:{port}", study_db["tokens"]["frank"])
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
     scores = scores_for(page, {"style": 2, "match": 3, "detail": 4, "beauty": 5})
     for score in scores.values():
         page.keyboard.press(str(score))
@@ -448,6 +456,9 @@ def test_sigterm_frees_the_port_and_unsaved_choices_survive_a_restart(study_db, 
     rate = start()
     try:
         page.locator(".fz-banner").wait_for(state="detached", timeout=30_000)
+        deadline = time.monotonic() + 30
+        while not sockets and time.monotonic() < deadline:  # the page's own reconnection
+            page.wait_for_timeout(200)
         wait_for_item(page, 0)
         page.wait_for_function("() => document.querySelectorAll('.st-key-questions input[type=radio]:checked').length === 4")
         shot(page, "desktop_after_restart")

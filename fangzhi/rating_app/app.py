@@ -320,12 +320,12 @@ def submitted_answers(position: int) -> dict[str, int | None]:
     return {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
 
 
-def apply_navigation(con, rater_id: int) -> list[bool] | None:
-    """Act on the Save, Back or All-images click that started this run, before the page is drawn.
+def apply_navigation(con, rater_id: int) -> str | None:
+    """Act on the Save, Back or All-images click that started this run; returns which was clicked.
 
-    The buttons are keyed by the item's position, so a second click on one item's Save that
-    arrives after the first has moved on (a double click) finds no button of the item now shown
-    and does nothing. Returns the rater's completed positions after a save, else None.
+    Runs before the page is drawn, so that a save and drawing the next item take one run. The
+    buttons are keyed by the item's position, so a second click on one item's Save that arrives
+    after the first has moved on (a double click) finds no button of the item now shown and does nothing.
     """
     position = st.session_state.get("position")
     if st.session_state.get("view") != "item" or position is None:
@@ -341,10 +341,10 @@ def apply_navigation(con, rater_id: int) -> list[bool] | None:
         drafts[position] = (answers, comment)
         st.session_state.get("shown_at", {}).pop(position, None)
         go_to("review") if clicked == "overview" or position == 0 else go_to("item", position - 1)
-        return None
+        return clicked
     if any(score is None for score in answers.values()):
         st.session_state.notice = ("answer_all", {})
-        return None
+        return clicked
     with rater_locks()[rater_id]:
         loaded = st.session_state.setdefault("loaded_versions", {}).get(position)
         current = store.item_version(con, rater_id, position)
@@ -355,7 +355,7 @@ def apply_navigation(con, rater_id: int) -> list[bool] | None:
             st.session_state.loaded_versions[position] = current
             drafts[position] = (answers, comment)
             st.session_state.notice = ("conflict", {"when": f"{current.changed_at:%H:%M:%S}", "scores": saved})
-            return None
+            return clicked
         shown_at = st.session_state.setdefault("shown_at", {})
         seconds = time.monotonic() - shown_at.pop(position, time.monotonic())
         was_complete = all(store.completed_positions(con, rater_id))
@@ -368,7 +368,7 @@ def apply_navigation(con, rater_id: int) -> list[bool] | None:
         go_to("item", following)
     else:
         go_to("review" if was_complete else "done")
-    return complete
+    return clicked
 
 
 def item_page(con, db: str, rater: store.Rater, complete: list[bool], references: tuple[str, ...], lang: str) -> None:
@@ -455,10 +455,13 @@ def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, .
             st.session_state.pop(key, None)
         st.session_state.rater_id = rater.rater_id
 
-    complete = apply_navigation(con, rater.rater_id)
-    if complete is None:
-        complete = store.completed_positions(con, rater.rater_id)
+    complete = store.completed_positions(con, rater.rater_id)
+    # A session's first run (after a reload, or a click that reached a restarted server) knows its
+    # widgets' values only once they are drawn: it acts on a click after drawing the page, then reruns.
+    fresh = "view" not in st.session_state
     restore_view(complete)
+    if not fresh and apply_navigation(con, rater.rater_id) == "save":
+        complete = store.completed_positions(con, rater.rater_id)
     view = st.session_state.view
     if view == "start":
         instructions_page(complete, lang)
@@ -468,6 +471,8 @@ def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, .
         review_page(con, db, rater, lang)
     else:
         item_page(con, db, rater, complete, references, lang)
+        if fresh and apply_navigation(con, rater.rater_id):
+            st.rerun()
 
 
 def top_bar(lang_default: str, rater_name: str | None) -> str:
