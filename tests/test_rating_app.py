@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 from streamlit.testing.v1 import AppTest
 
 from fangzhi.cli import main as cli_main
@@ -226,6 +226,42 @@ def test_images_are_re_encoded_without_metadata(manifest):
     assert not {"parameters", "exif", "icc_profile"} & set(image.info)
     for secret in (b"arm:", b"seed", b"base", b"lora", b"parameters", sample.SAMPLE_BASE_MODEL.encode()):
         assert secret not in encoded
+
+
+def best_one_threshold_accuracy(lengths: list[int], is_lora: list[bool]) -> float:
+    """The best accuracy any rule `length > t` (or `length <= t`) reaches at telling the arms apart."""
+    best = 0.0
+    for threshold in sorted(set(lengths)) + [min(lengths) - 1]:
+        guess = [length > threshold for length in lengths]
+        hits = sum(g == truth for g, truth in zip(guess, is_lora)) / len(lengths)
+        best = max(best, hits, 1 - hits)
+    return best
+
+
+def test_served_byte_lengths_do_not_tell_the_arms_apart(tmp_path, manifest):
+    # One arm made visibly smoother, so that its JPEGs are much smaller: the side channel at its worst.
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    paths, is_lora = [], []
+    for record in records:
+        image = Image.open(manifest.parent / record["file"])
+        if record["arm"] == "lora":
+            image = image.filter(ImageFilter.GaussianBlur(2))
+        path = tmp_path / f"{record['image_id']}.png"
+        image.save(path)
+        paths.append(path)
+        is_lora.append(record["arm"] == "lora")
+    encoded = [media.encode_for_display(path) for path in paths]
+    assert best_one_threshold_accuracy([len(e) for e in encoded], is_lora) == 1.0  # the scan can see a signal
+    length = max(len(e) for e in encoded)
+    served = [media.pad(e, length, b"session-key" + str(i).encode()) for i, e in enumerate(encoded)]
+    assert best_one_threshold_accuracy([len(s) for s in served], is_lora) == 0.5  # chance: the arms are balanced
+    for original, padded in zip(encoded, served):
+        shown = Image.open(io.BytesIO(padded))
+        assert shown.format == "JPEG" and shown.tobytes() == Image.open(io.BytesIO(original)).tobytes()
+    # Another session's copy of one image differs byte for byte (and so does its Streamlit media URL).
+    assert media.pad(encoded[0], length, b"other-session0") != served[0]
+    with pytest.raises(ValueError, match="cannot be padded"):
+        media.pad(encoded[0], len(encoded[0]) - 1, b"k")
 
 
 # ---- storage under load and crashes ---------------------------------------------------------

@@ -40,7 +40,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENS = Path(__file__).resolve().parents[1] / "results" / "screens"
 DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
-RATERS = ["alice", "bob", "carol", "dave", "erin", "frank"]
+RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"]
 
 if not Path(CHROMIUM).is_file() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); in CI this test fails instead", allow_module_level=True)
@@ -144,6 +144,14 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def playwright_request(browser):
+    """HTTP requests from no browser session at all (no cookies, no websocket)."""
+    context = browser.new_context()
+    yield context.request
+    context.close()
 
 
 def shot(page, name: str) -> None:
@@ -297,6 +305,26 @@ def test_two_tabs_on_one_link_never_overwrite_silently(live_app, browser):
     wait_for_item(second, 1)
     assert store.item_view(db, carol, 0).scores == other
     context.close()
+
+
+def test_media_urls_belong_to_one_session_and_end_with_the_item(live_app, browser, playwright_request):
+    first = open_rater(browser, live_app["url"], live_app["tokens"]["grace"])
+    second = open_rater(browser, live_app["url"], live_app["tokens"]["grace"])  # another browser, same rater
+    url_first, url_second = (p.locator(".st-key-item-image img").get_attribute("src") for p in (first, second))
+    body_first, body_second = (p.request.get(u).body() for p, u in ((first, url_first), (second, url_second)))
+    # The same image, the same length, but not the same bytes: URLs (content hashes) say nothing across sessions.
+    assert Image.open(io.BytesIO(body_first)).tobytes() == Image.open(io.BytesIO(body_second)).tobytes()
+    assert len(body_first) == len(body_second) and url_first != url_second
+    for score in "3333":
+        first.keyboard.press(score)
+    first.keyboard.press("Enter")
+    wait_for_item(first, 1)
+    first.keyboard.press("ArrowDown")  # any later run of the session
+    first.wait_for_timeout(1000)
+    # Once the session has moved on, its old media URL gives nothing, to anyone.
+    assert playwright_request.get(url_first).status == 404
+    first.context.close()
+    second.context.close()
 
 
 # ---- the main walk: rate, reload, review, and nothing leaks ----------------------------------

@@ -30,6 +30,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
@@ -52,7 +53,8 @@ header[data-testid="stHeader"] { display: none; }
 [data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
 .st-key-item-image img { max-height: calc(100vh - 13rem); width: 100%; object-fit: contain; }
 .st-key-references [data-testid="stElementContainer"] { width: auto !important; flex: 0 0 auto; }
-.st-key-references img { height: 4.6rem; width: auto !important; }
+/* Thumbnails, except in Streamlit's full-screen view (which sets the image's max-height inline). */
+.st-key-references img:not([style*="max-height"]) { height: 4.6rem; width: auto !important; }
 .st-key-questions [data-testid="stRadio"] { padding: 0.15rem 0.4rem; border-radius: 0.4rem; }
 .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.72rem; line-height: 1.15; }
 .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.2rem 0.9rem; flex-wrap: nowrap; }
@@ -65,7 +67,7 @@ div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErro
 @media (max-width: 640px) {
   [data-testid="stMainBlockContainer"] { padding: 0.4rem 0.6rem 1rem; }
   .st-key-item-image img { max-height: 62vh; }
-  .st-key-references img { height: 2.3rem; }
+  .st-key-references img:not([style*="max-height"]) { height: 2.3rem; }
   .st-key-references { gap: 0.35rem; }
   .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.62rem; }
   .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.1rem 0.3rem; }
@@ -269,7 +271,10 @@ def instructions_page(complete: list[bool], lang: str) -> None:
     st.progress(sum(complete) / len(complete), text=i18n.text("progress", lang, done=sum(complete), total=len(complete)))
     if st.button(i18n.text("start", lang), type="primary", key="start", shortcut="Enter"):
         first_open = next_position(complete, len(complete) - 1)
-        go_to("item", first_open) if first_open is not None else go_to("review")
+        if first_open is None:
+            go_to("review")
+        else:
+            go_to("item", first_open)
         st.rerun()
 
 
@@ -294,7 +299,8 @@ def review_page(con, db: str, rater: store.Rater, lang: str) -> None:
         "#": [row.position + 1 for row in rows],
         "image": [thumbnail(row) for row in rows],
         "status": [i18n.text("status_done" if len(row.scores) == len(DIMENSIONS) else "status_open", lang) for row in rows],
-        **{d.key: [row.scores.get(d.key) for row in rows] for d in DIMENSIONS},
+        # Nullable integers: an unrated item's cells stay empty.
+        **{d.key: pd.array([row.scores.get(d.key) for row in rows], dtype="Int64") for d in DIMENSIONS},
     }
     columns = {
         "image": st.column_config.ImageColumn(i18n.text("column_image", lang), width="small"),
@@ -340,7 +346,10 @@ def apply_navigation(con, rater_id: int) -> str | None:
         # Leaving without saving keeps the choices for when the rater comes back.
         drafts[position] = (answers, comment)
         st.session_state.get("shown_at", {}).pop(position, None)
-        go_to("review") if clicked == "overview" or position == 0 else go_to("item", position - 1)
+        if clicked == "overview" or position == 0:
+            go_to("review")
+        else:
+            go_to("item", position - 1)
         return clicked
     if any(score is None for score in answers.values()):
         st.session_state.notice = ("answer_all", {})
