@@ -251,6 +251,14 @@ def test_phone_image_first_then_questions(live_app, browser):
         page.get_by_role("button", name="保存并继续").click()
         wait_for_item(page, k + 1)
     shot(page, "phone_after_save")
+    # Choices not yet saved survive a reload (kept in the browser until the item is saved).
+    for dimension in DIMENSIONS[:2]:
+        page.get_by_test_id("stRadio").filter(has_text=dimension.name_zh).locator("label").filter(has_text="2").first.click()
+    page.wait_for_timeout(300)  # the page script notes choices every 80 ms
+    page.reload()
+    wait_for_item(page, 2)
+    page.get_by_text("已恢复您在本页尚未保存的选择").wait_for()
+    assert checked_count(page) == 2
 
 
 def test_reference_painting_opens_full_size(live_app, browser):
@@ -457,32 +465,33 @@ def test_sigterm_frees_the_port_and_unsaved_choices_survive_a_restart(study_db, 
     port = free_port()
     log_path = study_db["folder"] / "rate.log"
     command = [sys.executable, "-m", "fangzhi", "rate", "--db", str(db), "--port", str(port)]
+    started: list[subprocess.Popen] = []
 
     def start() -> subprocess.Popen:
-        process = subprocess.Popen(command, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
-        wait_until_healthy(f"http://127.0.0.1:{port}", process, log_path)
-        return process
+        started.append(subprocess.Popen(command, stdout=log_path.open("a"), stderr=subprocess.STDOUT))
+        wait_until_healthy(f"http://127.0.0.1:{port}", started[-1], log_path)
+        return started[-1]
 
-    rate = start()
-    page = open_rater(browser, f"http://127.0.0.1:{port}", study_db["tokens"]["frank"])
-    sockets = []
-    page.on("websocket", lambda ws: sockets.append(ws.url))
-    scores = scores_for(page, {"style": 2, "match": 3, "detail": 4, "beauty": 5})
-    for score in scores.values():
-        page.keyboard.press(str(score))
-    rate.send_signal(signal.SIGTERM)
-    assert rate.wait(timeout=15) == 0
-    stopped = time.monotonic()
-    while not port_is_free(port):
-        assert time.monotonic() - stopped < 5, "the port is still taken 5 s after `fangzhi rate` stopped"
-        time.sleep(0.1)
-    # While the server is away the rater is told so, in their language.
-    page.locator(".fz-banner").wait_for(timeout=15_000)
-    assert "连接已断开" in page.locator(".fz-banner").inner_text()
-    shot(page, "desktop_connection_lost")
-
-    rate = start()
     try:
+        rate = start()
+        page = open_rater(browser, f"http://127.0.0.1:{port}", study_db["tokens"]["frank"])
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        scores = scores_for(page, {"style": 2, "match": 3, "detail": 4, "beauty": 5})
+        for score in scores.values():
+            page.keyboard.press(str(score))
+        rate.send_signal(signal.SIGTERM)
+        assert rate.wait(timeout=15) == 0
+        stopped = time.monotonic()
+        while not port_is_free(port):
+            assert time.monotonic() - stopped < 5, "the port is still taken 5 s after `fangzhi rate` stopped"
+            time.sleep(0.1)
+        # While the server is away the rater is told so, in their language.
+        page.locator(".fz-banner").wait_for(timeout=15_000)
+        assert "连接已断开" in page.locator(".fz-banner").inner_text()
+        shot(page, "desktop_connection_lost")
+
+        start()
         page.locator(".fz-banner").wait_for(state="detached", timeout=30_000)
         deadline = time.monotonic() + 30
         while not sockets and time.monotonic() < deadline:  # the page's own reconnection
@@ -494,5 +503,7 @@ def test_sigterm_frees_the_port_and_unsaved_choices_survive_a_restart(study_db, 
         wait_for_item(page, 1)
         assert store.item_view(db, rater_id(db, "frank"), 0).scores == scores
     finally:
-        rate.send_signal(signal.SIGTERM)
-        rate.wait(timeout=15)
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=15)

@@ -81,7 +81,7 @@ PAGE_SCRIPT = """
 (() => {
   if (window.fangzhiPage) return;
   window.fangzhiPage = true;
-  let current = 0, shownItem = null, restoredFor = null, failures = 0;
+  let current = 0, shownItem = null, restoredFor = null, failures = 0, lastAnswers = null;
   const marker = () => document.querySelector('.fz-item');
   const questions = () => [...document.querySelectorAll('.st-key-questions [data-testid="stRadio"]')];
   const choices = (q) => [...q.querySelectorAll('input[type="radio"]')];
@@ -110,6 +110,8 @@ PAGE_SCRIPT = """
   }
   setInterval(() => {
     const m = marker();
+    // Wait until the questions on the page are this item's (their keys start with its position).
+    if (m && !document.querySelector(`.st-key-${m.dataset.item}-${m.dataset.first}`)) return;
     const item = m ? `${m.dataset.rater}-${m.dataset.item}` : null;
     if (item !== shownItem) {
       shownItem = item;
@@ -120,6 +122,16 @@ PAGE_SCRIPT = """
       document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"]').forEach((e) => e.scrollTo(0, 0));
     }
     if (m && questions().length && restoredFor !== m) { restoredFor = m; restoreDraft(m); }
+    // Streamlit's radios change without a DOM change event: compare with the last look instead.
+    const now = answers();
+    const sameQuestions = lastAnswers && lastAnswers.item === item && lastAnswers.values.length === now.length;
+    // (A choice made; a new item's questions replacing the last one's are not one.)
+    const chosen = sameQuestions ? now.findIndex((a, i) => a >= 0 && a !== lastAnswers.values[i]) : -1;
+    if (m && chosen >= 0) {
+      rememberDraft();
+      if (chosen === current) current = Math.min(chosen + 1, now.length - 1);
+    }
+    lastAnswers = {item, values: now};
     highlight();
   }, 80);
   document.addEventListener('keydown', (e) => {
@@ -145,13 +157,6 @@ PAGE_SCRIPT = """
       highlight();
       e.preventDefault();
     }
-  }, true);
-  document.addEventListener('change', (e) => {
-    const index = questions().findIndex((q) => q.contains(e.target));
-    if (index < 0) return;
-    rememberDraft();
-    current = Math.min(index + 1, questions().length - 1);
-    highlight();
   }, true);
   // The connection, in the rater's language (Streamlit's own notice is English only).
   setInterval(async () => {
@@ -291,6 +296,11 @@ def review_page(con, db: str, rater: store.Rater, lang: str) -> None:
     done = sum(len(row.scores) == len(DIMENSIONS) for row in rows)
     st.subheader(i18n.text("review_title", lang))
     st.text(i18n.text("progress", lang, done=done, total=len(rows)))
+    first_open = next((row.position for row in rows if len(row.scores) < len(DIMENSIONS)), None)
+    if first_open is not None and st.button(i18n.text("continue", lang), type="primary", key="continue"):
+        go_to("item", first_open)
+        st.rerun()
+
     def thumbnail(row: store.ReviewRow) -> str:
         jpeg = rated_image(con, db, row.image_path, row.position, media.THUMBNAIL_MAX_SIDE)
         return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
@@ -326,7 +336,7 @@ def submitted_answers(position: int) -> dict[str, int | None]:
     return {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
 
 
-def apply_navigation(con, rater_id: int) -> str | None:
+def apply_navigation(con, rater_id: int, complete: list[bool]) -> str | None:
     """Act on the Save, Back or All-images click that started this run; returns which was clicked.
 
     Runs before the page is drawn, so that a save and drawing the next item take one run. The
@@ -367,16 +377,14 @@ def apply_navigation(con, rater_id: int) -> str | None:
             return clicked
         shown_at = st.session_state.setdefault("shown_at", {})
         seconds = time.monotonic() - shown_at.pop(position, time.monotonic())
-        was_complete = all(store.completed_positions(con, rater_id))
         store.save_item(con, rater_id, position, answers, comment, seconds)
         st.session_state.loaded_versions.pop(position, None)
     drafts.pop(position, None)
-    complete = store.completed_positions(con, rater_id)
-    following = next_position(complete, position)
+    following = next_position(store.completed_positions(con, rater_id), position)
     if following is not None:
         go_to("item", following)
     else:
-        go_to("review" if was_complete else "done")
+        go_to("review" if all(complete) else "done")  # the thank-you page once, when the last item is rated
     return clicked
 
 
@@ -389,7 +397,7 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
     draft_scores, draft_comment = st.session_state.get("drafts", {}).get(position, ({}, None))
     saved_signature = ",".join(str(item.scores.get(d.key, "")) for d in DIMENSIONS)
     st.html(
-        f'<div class="fz-item" data-rater="{rater.rater_id}" data-item="{position}" data-saved="{saved_signature}" '
+        f'<div class="fz-item" data-rater="{rater.rater_id}" data-item="{position}" data-first="{DIMENSIONS[0].key}" data-saved="{saved_signature}" '
         f'data-restored="{_attribute(i18n.text("draft_restored", lang))}"></div>'
     )
 
@@ -469,7 +477,7 @@ def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, .
     # widgets' values only once they are drawn: it acts on a click after drawing the page, then reruns.
     fresh = "view" not in st.session_state
     restore_view(complete)
-    if not fresh and apply_navigation(con, rater.rater_id) == "save":
+    if not fresh and apply_navigation(con, rater.rater_id, complete) == "save":
         complete = store.completed_positions(con, rater.rater_id)
     view = st.session_state.view
     if view == "start":
@@ -480,7 +488,7 @@ def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, .
         review_page(con, db, rater, lang)
     else:
         item_page(con, db, rater, complete, references, lang)
-        if fresh and apply_navigation(con, rater.rater_id):
+        if fresh and apply_navigation(con, rater.rater_id, complete):
             st.rerun()
 
 

@@ -160,6 +160,7 @@ _TEXT: dict[str, dict[str, str]] = {
     "column_status": {"zh": "状态", "en": "Status"},
     "open_item": {"zh": "打开第几张（也可点选表格中的一行）", "en": "Open image number (or pick a row in the table)"},
     "open": {"zh": "打开", "en": "Open"},
+    "continue": {"zh": "继续评分", "en": "Continue rating"},
     "answer_all": {"zh": "请回答全部四个问题后再保存。", "en": "Please answer all four questions before saving."},
     "thanks_title": {"zh": "感谢您的参与！", "en": "Thank you!"},
     "thanks": {
