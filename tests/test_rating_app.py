@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from PIL import Image, ImageFilter
 from streamlit.testing.v1 import AppTest
 
@@ -23,7 +24,7 @@ from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
 from fangzhi.rating_app import media, sample, store, study
-from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV
+from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, RateConfig, streamlit_command
 
 APP = Path(study.__file__).with_name("app.py")
 ALL_FOUR = {key: 3 for key in DIMENSION_KEYS}
@@ -591,3 +592,23 @@ def test_app_admin_sign_in_locks_after_wrong_passwords(app_env, monkeypatch):
     at.text_input[0].input("correct horse")
     at.button[0].click().run()
     assert at.dataframe
+
+
+def test_app_error_state_is_in_the_raters_language(app_env, monkeypatch):
+    db, tokens = app_env
+    at = open_app(tokens["alice"])
+    at.button(key="start").click().run()
+    db.rename(db.with_name("moved.duckdb"))  # the study vanishes under a running app
+    at.run()
+    assert not at.exception and "出错了" in page_text(at) and "上一次“保存并继续”" in page_text(at)
+
+
+def test_rate_config_base_url_sets_the_path_and_links_file(tmp_path):
+    config = RateConfig(db=tmp_path / "study.duckdb", port=8600, base_url="https://rating.example.org/study/")
+    assert config.public_url == "https://rating.example.org/study" and config.url_path == "study"
+    assert config.links_file == tmp_path / "study.links.csv"
+    assert RateConfig(db=tmp_path / "s.duckdb", port=8600).public_url == "http://localhost:8600"
+    command = streamlit_command("0.0.0.0", 8600, config.url_path)
+    assert command[command.index("--server.baseUrlPath") + 1] == "study"
+    with pytest.raises(ValidationError):
+        RateConfig(db=tmp_path / "s.duckdb", port=0)

@@ -40,7 +40,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENS = Path(__file__).resolve().parents[1] / "results" / "screens"
 DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
-RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"]
+RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 
 if not Path(CHROMIUM).is_file() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); in CI this test fails instead", allow_module_level=True)
@@ -233,6 +233,19 @@ def test_desktop_one_screen_per_item_and_five_items_by_keyboard(live_app, browse
     (SCREENS / "save_to_next_item.json").write_text(
         json.dumps({"viewport": "1440x900", "seconds": [round(t, 3) for t in timings], "median_seconds": round(statistics.median(timings), 3)})
     )
+
+
+def test_english_item_fits_one_screen_too(live_app, browser):
+    page = open_rater(browser, live_app["url"], live_app["tokens"]["heidi"])
+    page.get_by_text("English", exact=True).click()
+    page.get_by_text("Image 1 of").wait_for()
+    questions = page.locator(".st-key-questions [data-testid=stRadio]")
+    assert within_viewport(page, page.locator(".st-key-item-image img"))
+    for q in range(4):
+        assert within_viewport(page, questions.nth(q).get_by_test_id("stCaptionContainer").last)
+    assert within_viewport(page, page.get_by_role("button", name="Save & next"))
+    shot(page, "desktop_item_english")
+    page.context.close()
 
 
 def test_phone_image_first_then_questions(live_app, browser):

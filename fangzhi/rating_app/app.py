@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -57,8 +58,8 @@ header[data-testid="stHeader"] { display: none; }
 .st-key-references img:not([style*="max-height"]) { height: 4.6rem; width: auto !important; }
 .st-key-questions [data-testid="stRadio"] { padding: 0.15rem 0.4rem; border-radius: 0.4rem; }
 .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.72rem; line-height: 1.15; }
-.st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.2rem 0.9rem; flex-wrap: nowrap; }
-.st-key-questions [data-testid="stRadio"] [role="radiogroup"] > label { flex: 1 1 0; min-width: 0; margin-right: 0; }
+/* Five equal columns, so every anchor gets the same width in either language. */
+.st-key-questions [data-testid="stRadio"] [role="radiogroup"] { display: grid !important; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 0.2rem 0.7rem; align-items: start; }
 .st-key-questions [data-testid="stRadio"].fz-current { outline: 3px solid #d9622b; outline-offset: 1px; background: #fff4ee; }
 .fz-banner { position: fixed; top: 0; left: 0; right: 0; z-index: 1000100; padding: 0.8rem 1.2rem;
              background: #8a1c1c; color: #fff; font-size: 1rem; text-align: center; }
@@ -373,7 +374,8 @@ def apply_navigation(con, rater_id: int, complete: list[bool]) -> str | None:
             saved = store.item_view(con, rater_id, position).scores
             st.session_state.loaded_versions[position] = current
             drafts[position] = (answers, comment)
-            st.session_state.notice = ("conflict", {"when": f"{current.changed_at:%H:%M:%S}", "scores": saved})
+            ago = (datetime.now(timezone.utc) - current.changed_at).total_seconds()
+            st.session_state.notice = ("conflict", {"minutes": max(0, round(ago / 60)), "scores": saved})
             return clicked
         shown_at = st.session_state.setdefault("shown_at", {})
         seconds = time.monotonic() - shown_at.pop(position, time.monotonic())
@@ -423,8 +425,8 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
         if notice == "answer_all":
             st.warning(i18n.text("answer_all", lang))
         elif notice == "conflict":
-            scores = "，".join(f"{i18n.dimension_name(k, lang)} {v}" for k, v in fields["scores"].items()) or "—"
-            st.warning(i18n.text("conflict", lang, when=fields["when"], scores=scores))
+            scores = ", ".join(f"{i18n.dimension_name(d.key, lang)} {fields['scores'][d.key]}" for d in DIMENSIONS if d.key in fields["scores"])
+            st.warning(i18n.text("conflict", lang, minutes=fields["minutes"], scores=scores or "—"))
         with st.form(f"item-{position}", border=False), st.container(key="questions"):
             for dimension in DIMENSIONS:
                 previous = draft_scores.get(dimension.key) or item.scores.get(dimension.key)

@@ -117,8 +117,8 @@ _TEXT: dict[str, dict[str, str]] = {
     "progress": {"zh": "已完成 {done} / {total}", "en": "{done} of {total} rated"},
     "item_counter": {"zh": "第 {k} 张，共 {n} 张", "en": "Image {k} of {n}"},
     "reference": {
-        "zh": "目标风格参考作品：将鼠标移到作品上，点右上角的放大按钮可看大图（Esc 返回）。",
-        "en": "Reference paintings (target style): hover one and use its full-screen button to see it large (Esc to return).",
+        "zh": "目标风格参考作品：作品右上角的放大按钮可显示大图（Esc 返回）。",
+        "en": "Reference paintings (target style): the full-screen button at a painting's top right shows it large (Esc to return).",
     },
     "text_zh": {"zh": "文字描述", "en": "Text (Chinese)"},
     "prompt_en": {"zh": "英文提示词", "en": "English prompt"},
@@ -135,9 +135,9 @@ _TEXT: dict[str, dict[str, str]] = {
     },
     "overview": {"zh": "全部图像", "en": "All images"},
     "conflict": {
-        "zh": "这张图像在您打开本页之后，已在另一个标签页或窗口中修改并保存（{when}，保存的分数：{scores}）。"
+        "zh": "这张图像在您打开本页之后，已在另一个标签页或窗口中修改并保存（约 {minutes} 分钟前；保存的分数：{scores}）。"
         "下方保留了本页的选择；再次点击“保存并继续”将用它们覆盖。",
-        "en": "This image was changed and saved in another tab or window after you opened this page ({when}; "
+        "en": "This image was changed and saved in another tab or window after you opened this page (about {minutes} min ago; "
         "saved scores: {scores}). Your choices on this page are kept below; press Save & next again to overwrite with them.",
     },
     "draft_restored": {
