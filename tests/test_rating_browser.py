@@ -171,6 +171,9 @@ def wait_for_item(page, position: int | None = None) -> int:
     """Wait until an item page (the given one, if any) is drawn with its image loaded; returns its position."""
     selector = ".fz-item" if position is None else f'.fz-item[data-item="{position}"]'
     page.locator(selector).wait_for(state="attached")
+    position = int(page.locator(".fz-item").get_attribute("data-item"))
+    # This item's own questions (keyed by its position), not the last item's still on screen.
+    page.locator(f".st-key-{position}-{DIMENSION_KEYS[0]}").wait_for(state="attached")
     page.wait_for_function("() => { const i = document.querySelector('.st-key-item-image img'); return i && i.complete && i.naturalWidth > 0; }")
     page.wait_for_function("() => document.querySelectorAll('.st-key-questions [data-testid=stRadio]').length === 4")
     return int(page.locator(".fz-item").get_attribute("data-item"))
@@ -296,7 +299,10 @@ def test_double_click_on_save_saves_once(live_app, browser):
     for key in DIMENSION_KEYS:
         page.keyboard.press("4")
     page.get_by_role("button", name="保存并继续").dblclick()
-    wait_for_item(page, 1)
+    try:
+        wait_for_item(page, 1)
+    finally:
+        shot(page, "desktop_after_double_click")
     page.wait_for_timeout(1500)  # let the second click's run finish
     assert checked_count(page) == 0
     assert not page.get_by_test_id("stException").count() and "请回答全部四个问题" not in page.inner_text("body")
@@ -322,6 +328,7 @@ def test_two_tabs_on_one_link_never_overwrite_silently(live_app, browser):
     shot(second, "desktop_two_tabs_conflict")
     assert store.item_view(db, carol, 0).scores == wanted
     assert checked_count(second) == 4  # the second tab's choices are still there
+    second.wait_for_timeout(1000)  # a person reads the notice first (and a second Save within 0.7 s counts as a double click)
     second.keyboard.press("Enter")  # saving again overwrites, knowingly
     wait_for_item(second, 1)
     assert store.item_view(db, carol, 0).scores == other

@@ -66,6 +66,7 @@ header[data-testid="stHeader"] { display: none; }
 /* Streamlit's own connection dialog is English only; the page script shows the rater's language instead. */
 div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErrorDialog"] { display: none !important; }
 @media (max-width: 640px) {
+  .st-key-keyboard-hint { display: none; }
   [data-testid="stMainBlockContainer"] { padding: 0.4rem 0.6rem 1rem; }
   .st-key-item-image img { max-height: 62vh; }
   .st-key-references img:not([style*="max-height"]) { height: 2.3rem; }
@@ -159,6 +160,23 @@ PAGE_SCRIPT = """
       e.preventDefault();
     }
   }, true);
+  // A double click (or Enter pressed twice) saves once: later Save clicks within SAVE_PAUSE_MS are dropped.
+  let lastSave = 0;
+  const SAVE_PAUSE_MS = 700;
+  document.addEventListener('click', (e) => {
+    if (!e.target.closest || !e.target.closest('[class*="st-key-save-"]')) return;
+    if (performance.now() - lastSave < SAVE_PAUSE_MS) { e.preventDefault(); e.stopImmediatePropagation(); return; }
+    lastSave = performance.now();
+  }, true);
+  // An image whose request failed (its media file replaced during a rerun) is asked for again.
+  setInterval(() => {
+    const img = document.querySelector('.st-key-item-image img');
+    if (!img || !img.complete || img.naturalWidth > 0 || !img.src) return;
+    const tries = Number(img.dataset.retries || 0);
+    if (tries >= 5) return;
+    img.dataset.retries = tries + 1;
+    img.src = img.src.split('?')[0] + '?retry=' + (tries + 1);
+  }, 500);
   // The connection, in the rater's language (Streamlit's own notice is English only).
   setInterval(async () => {
     let ok = false;
@@ -446,7 +464,8 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
                 st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
                 st.form_submit_button(i18n.text("overview", lang), key=f"overview-{position}")
                 st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
-        st.caption(i18n.text("keyboard_hint", lang))
+        with st.container(key="keyboard-hint"):
+            st.caption(i18n.text("keyboard_hint", lang))
 
 
 def restore_view(complete: list[bool]) -> None:
