@@ -160,13 +160,20 @@ PAGE_SCRIPT = """
       e.preventDefault();
     }
   }, true);
-  // A double click (or Enter pressed twice) saves once: later Save clicks within SAVE_PAUSE_MS are dropped.
-  let lastSave = 0;
+  // A double click (or Enter pressed twice) saves once: another Save click on the same item
+  // within SAVE_PAUSE_MS is dropped. (The server also ignores a Save for an item no longer shown.)
+  let lastSave = {at: 0, item: null};
   const SAVE_PAUSE_MS = 700;
   document.addEventListener('click', (e) => {
-    if (!e.target.closest || !e.target.closest('[class*="st-key-save-"]')) return;
-    if (performance.now() - lastSave < SAVE_PAUSE_MS) { e.preventDefault(); e.stopImmediatePropagation(); return; }
-    lastSave = performance.now();
+    const button = e.target.closest && e.target.closest('[class*="st-key-save-"]');
+    if (!button) return;
+    const item = button.className.match(/st-key-save-(\d+)/)?.[1];
+    if (item === lastSave.item && performance.now() - lastSave.at < SAVE_PAUSE_MS) {
+      e.preventDefault();
+      e.stopImmediatePropagation();
+      return;
+    }
+    lastSave = {at: performance.now(), item};
   }, true);
   // An image whose request failed (its media file replaced during a rerun) is asked for again.
   setInterval(() => {
