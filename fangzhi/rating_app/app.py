@@ -78,7 +78,7 @@ div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErro
 """
 
 # The page script: plain DOM code, installed once per browser tab (Streamlit keeps the element).
-PAGE_SCRIPT = """
+PAGE_SCRIPT = r"""
 <script>
 (() => {
   if (window.fangzhiPage) return;

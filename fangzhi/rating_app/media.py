@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -39,11 +38,6 @@ def encode_for_display(path: str | Path, max_side: int = ITEM_MAX_SIDE) -> bytes
     buffer = io.BytesIO()
     clean.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=True)
     return buffer.getvalue()
-
-
-def padded_length(paths: Iterable[str | Path], max_side: int) -> int:
-    """The one byte length every rated image of a study is sent at: its largest encoded image."""
-    return max(len(encode_for_display(path, max_side)) for path in paths)
 
 
 def pad(jpeg: bytes, length: int, key: bytes) -> bytes:
