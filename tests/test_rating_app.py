@@ -489,7 +489,7 @@ def test_app_finishing_shows_thank_you_then_review_revises_any_item(app_env):
     assert at.session_state["position"] == 2 and at.radio(key="2-style").value == 3
     at = answer(at, {**ALL_FOUR, "style": 5})
     # Revising after finishing returns to the review page, not to the thank-you page.
-    assert at.session_state["view"] == "review" and at.dataframe[0].value["style"][2] == 5
+    assert at.session_state["view"] == "review" and at.dataframe[0].value["style"][2] == "5"
     with store.connect(db) as con:
         assert con.execute("SELECT old_score, new_score FROM score_audit WHERE rater_id = ? AND position = 2 AND dimension = 'style' ORDER BY audit_id", [bob]).fetchall() == [(None, 3), (3, 5)]
 

@@ -31,7 +31,6 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
@@ -335,16 +334,17 @@ def review_page(con, db: str, rater: store.Rater, lang: str) -> None:
         "#": [row.position + 1 for row in rows],
         "image": [thumbnail(row) for row in rows],
         "status": [i18n.text("status_done" if len(row.scores) == len(DIMENSIONS) else "status_open", lang) for row in rows],
-        # Nullable integers: an unrated item's cells stay empty.
-        **{d.key: pd.array([row.scores.get(d.key) for row in rows], dtype="Int64") for d in DIMENSIONS},
+        # As text, so that an unrated item's cells stay empty.
+        **{d.key: [str(row.scores.get(d.key, "")) for row in rows] for d in DIMENSIONS},
     }
     columns = {
+        "#": st.column_config.NumberColumn("#", width="small"),
         "image": st.column_config.ImageColumn(i18n.text("column_image", lang), width="small"),
-        "status": st.column_config.TextColumn(i18n.text("column_status", lang)),
-        **{d.key: st.column_config.NumberColumn(i18n.dimension_name(d.key, lang), format="%d") for d in DIMENSIONS},
+        "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
+        **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
     }
     selection = st.dataframe(
-        table, column_config=columns, hide_index=True, row_height=64, height=min(700, 40 + 65 * len(rows)),
+        table, column_config=columns, hide_index=True, row_height=64, height=min(560, 40 + 65 * len(rows)),
         on_select="rerun", selection_mode="single-row", key="review-table",
     )
     chosen = selection.selection.rows if selection else []
