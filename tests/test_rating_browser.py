@@ -309,6 +309,75 @@ def test_double_click_on_save_saves_once(live_app, browser):
         assert con.execute("SELECT saves FROM item_notes WHERE rater_id = ? AND position = 0", [rater_id(db, "dave")]).fetchone() == (1,)
 
 
+def test_two_saves_reaching_the_server_back_to_back_save_once(live_app):
+    """The page script drops a double click's second Save; the server must cope without it too
+    (a slow network can deliver both): here both reruns are sent on the websocket at once."""
+    import asyncio
+
+    import websockets
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+    db, name = live_app["db"], "heidi"
+    query = f"token={live_app['tokens'][name]}"
+
+    async def rerun(ws, states: list[WidgetState]) -> None:
+        message = BackMsg()
+        message.rerun_script.query_string = query
+        message.rerun_script.widget_states.widgets.extend(states)
+        await ws.send(message.SerializeToString())
+
+    async def page(ws) -> tuple[dict[str, object], list[str]]:
+        """Widgets by id (which ends in the widget's key) and texts, until a script run ends."""
+        widgets, texts = {}, []
+        while True:
+            forward = ForwardMsg()
+            forward.ParseFromString(await ws.recv())
+            kind = forward.WhichOneof("type")
+            if kind == "delta" and forward.delta.WhichOneof("type") == "new_element":
+                element = forward.delta.new_element
+                which = element.WhichOneof("type")
+                if which in ("radio", "button"):
+                    widget = getattr(element, which)
+                    widgets[widget.id] = widget
+                elif which == "exception":
+                    texts.append("EXCEPTION " + element.exception.message)
+                elif which in ("alert", "text"):
+                    texts.append(getattr(element, which).body)
+            elif kind == "script_finished" and forward.script_finished == ForwardMsg.FINISHED_SUCCESSFULLY:
+                return widgets, texts
+
+    def by_key(widgets, key: str):
+        return next(w for wid, w in widgets.items() if wid.endswith(f"-{key}"))
+
+    async def main() -> list[str]:
+        url = live_app["url"].replace("http", "ws", 1) + "/_stcore/stream"
+        async with websockets.connect(url, subprotocols=["streamlit"], max_size=None) as ws:
+            await rerun(ws, [])
+            widgets, _ = await asyncio.wait_for(page(ws), timeout=30)
+            await rerun(ws, [WidgetState(id=by_key(widgets, "start").id, trigger_value=True)])
+            widgets, _ = await asyncio.wait_for(page(ws), timeout=30)  # the first item, after the start page's st.rerun
+            states = [WidgetState(id=by_key(widgets, f"0-{key}").id, string_value="3") for key in DIMENSION_KEYS]
+            save = WidgetState(id=by_key(widgets, "save-0").id, trigger_value=True)
+            await rerun(ws, states + [save])
+            await rerun(ws, states + [save])
+            texts = []
+            for _ in range(2):
+                try:
+                    _, more = await asyncio.wait_for(page(ws), timeout=20)
+                    texts += more
+                except asyncio.TimeoutError:
+                    break
+            return texts
+
+    texts = asyncio.run(main())
+    assert not any(t.startswith("EXCEPTION") or "请回答全部四个问题" in t for t in texts), texts
+    with store.connect(db) as con:
+        assert con.execute("SELECT saves FROM item_notes WHERE rater_id = ? AND position = 0", [rater_id(db, name)]).fetchone() == (1,)
+        assert con.execute("SELECT count(*) FROM score_audit WHERE rater_id = ?", [rater_id(db, name)]).fetchone() == (4,)
+
+
 def test_two_tabs_on_one_link_never_overwrite_silently(live_app, browser):
     db, carol = live_app["db"], rater_id(live_app["db"], "carol")
     context = browser.new_context(viewport=DESKTOP)
