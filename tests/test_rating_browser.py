@@ -13,6 +13,7 @@ browser go to results/screens/save_to_next_item.json.
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.server
 import io
 import json
@@ -371,7 +372,9 @@ def test_two_saves_reaching_the_server_back_to_back_save_once(live_app):
                     break
             return texts
 
-    texts = asyncio.run(main())
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        texts = pool.submit(asyncio.run, main()).result()
     assert not any(t.startswith("EXCEPTION") or "请回答全部四个问题" in t for t in texts), texts
     with store.connect(db) as con:
         assert con.execute("SELECT saves FROM item_notes WHERE rater_id = ? AND position = 0", [rater_id(db, name)]).fetchone() == (1,)
