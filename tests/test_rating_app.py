@@ -594,12 +594,15 @@ def test_app_admin_sign_in_locks_after_wrong_passwords(app_env, monkeypatch):
     assert at.dataframe
 
 
-def test_app_error_state_is_in_the_raters_language(app_env, monkeypatch):
-    db, tokens = app_env
-    at = open_app(tokens["alice"])
+def test_app_error_state_is_in_the_raters_language(tmp_path, monkeypatch):
+    manifest = sample.write_sample_manifest(tmp_path / "generation", n_prompts=2, size=64)
+    db = tmp_path / "study.duckdb"
+    [(_, token, _)] = study.create_study(manifest, db, ["alice"], qc_retest=0, qc_attention=0)
+    monkeypatch.setenv(DB_ENV, str(db))
+    at = open_app(token)
+    for image in (manifest.parent / "images").iterdir():  # the images vanish from the disk under a running app
+        image.unlink()
     at.button(key="start").click().run()
-    db.rename(db.with_name("moved.duckdb"))  # the study vanishes under a running app
-    at.run()
     assert not at.exception and "出错了" in page_text(at) and "上一次“保存并继续”" in page_text(at)
 
 
