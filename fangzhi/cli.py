@@ -363,17 +363,27 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_rate(args: argparse.Namespace) -> int:
-    from fangzhi.rating_app.serve import serve
+    from fangzhi.config import load_config
+    from fangzhi.rating_app.serve import RateConfig, serve
 
-    print(f"rating app on http://{args.host}:{args.port} (admin page: /?page=admin; Ctrl+C stops)")
-    return serve(args.db, host=args.host, port=args.port)
+    config = load_config(
+        RateConfig, None, {"db": args.db, "host": args.host, "port": args.port, "base_url": args.base_url, "links_out": args.links_out}
+    )
+    print(f"starting the rating app on {config.host}:{config.port} ...", flush=True)
+    return serve(config)
 
 
 def _add_rate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rate", help="start the blind rating web app (Streamlit) on a study database")
     p.add_argument("--db", required=True, help="study database from `fangzhi study create`")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a network)")
+    p.add_argument("--port", type=int, help="port (default 8501)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a network)")
+    p.add_argument(
+        "--base-url",
+        help="where raters reach the app, e.g. https://rating.example.org/study behind your HTTPS proxy: used for the links "
+        "of raters added on the admin page, and its path (if any) is the path the app serves under (default http://localhost:PORT)",
+    )
+    p.add_argument("--links-out", help="CSV that links of raters added on the admin page are appended to (default: DB with .links.csv)")
     p.set_defaults(func=_cmd_rate)
 
 

@@ -11,7 +11,8 @@ import duckdb
 import pandas as pd
 import pytest
 import streamlit as st
-from PIL import Image
+from pydantic import ValidationError
+from PIL import Image, ImageFilter
 from streamlit.testing.v1 import AppTest
 
 from fangzhi import studydb
@@ -19,7 +20,7 @@ from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
 from fangzhi.rating_app import media, sample, store, study
-from fangzhi.rating_app.serve import DB_ENV
+from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, RateConfig, streamlit_command
 
 APP = Path(study.__file__).with_name("app.py")
 ALL_FOUR = {key: 3 for key in DIMENSION_KEYS}
@@ -224,6 +225,42 @@ def test_images_are_re_encoded_without_metadata(manifest):
         assert secret not in encoded
 
 
+def best_one_threshold_accuracy(lengths: list[int], is_lora: list[bool]) -> float:
+    """The best accuracy any rule `length > t` (or `length <= t`) reaches at telling the arms apart."""
+    best = 0.0
+    for threshold in sorted(set(lengths)) + [min(lengths) - 1]:
+        guess = [length > threshold for length in lengths]
+        hits = sum(g == truth for g, truth in zip(guess, is_lora)) / len(lengths)
+        best = max(best, hits, 1 - hits)
+    return best
+
+
+def test_served_byte_lengths_do_not_tell_the_arms_apart(tmp_path, manifest):
+    # One arm made visibly smoother, so that its JPEGs are much smaller: the side channel at its worst.
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    paths, is_lora = [], []
+    for record in records:
+        image = Image.open(manifest.parent / record["file"])
+        if record["arm"] == "lora":
+            image = image.filter(ImageFilter.GaussianBlur(2))
+        path = tmp_path / f"{record['image_id']}.png"
+        image.save(path)
+        paths.append(path)
+        is_lora.append(record["arm"] == "lora")
+    encoded = [media.encode_for_display(path) for path in paths]
+    assert best_one_threshold_accuracy([len(e) for e in encoded], is_lora) == 1.0  # the scan can see a signal
+    length = max(len(e) for e in encoded)
+    served = [media.pad(e, length, b"session-key" + str(i).encode()) for i, e in enumerate(encoded)]
+    assert best_one_threshold_accuracy([len(s) for s in served], is_lora) == 0.5  # chance: the arms are balanced
+    for original, padded in zip(encoded, served):
+        shown = Image.open(io.BytesIO(padded))
+        assert shown.format == "JPEG" and shown.tobytes() == Image.open(io.BytesIO(original)).tobytes()
+    # Another session's copy of one image differs byte for byte (and so does its Streamlit media URL).
+    assert media.pad(encoded[0], length, b"other-session0") != served[0]
+    with pytest.raises(ValueError, match="cannot be padded"):
+        media.pad(encoded[0], len(encoded[0]) - 1, b"k")
+
+
 # ---- storage under load and crashes ---------------------------------------------------------
 
 
@@ -279,15 +316,15 @@ def open_app(token: str | None = None) -> AppTest:
     return at.run()
 
 
-def answer(at: AppTest, scores: dict[str, int]) -> AppTest:
+def answer(at: AppTest, scores: dict[str, int], button: str = "save") -> AppTest:
     position = at.session_state["position"]
     for key, score in scores.items():
         at.radio(key=f"{position}-{key}").set_value(score)
-    return at.button(key="save").click().run()
+    return at.button(key=f"{button}-{position}").click().run()
 
 
 def page_text(at: AppTest) -> str:
-    parts = [e.value for e in [*at.markdown, *at.title, *at.subheader, *at.caption, *at.info, *at.success, *at.error, *at.warning]]
+    parts = [e.value for e in [*at.markdown, *at.title, *at.subheader, *at.caption, *at.text, *at.info, *at.success, *at.error, *at.warning]]
     return "\n".join(str(p) for p in parts)
 
 
@@ -298,30 +335,71 @@ def test_app_login_rate_revise_and_resume(app_env):
     assert not at.exception
     assert "评分说明" in page_text(at)
     at.button(key="start").click().run()
-    assert at.session_state["position"] == 0
+    assert at.session_state["position"] == 0 and at.query_params["item"] == "1"
     at = answer(at, {"style": 5, "match": 4, "detail": 3, "beauty": 2})
     assert at.session_state["position"] == 1
     # Saving with a question unanswered keeps the rater on the item and saves nothing.
     at.radio(key="1-style").set_value(2)
-    at.button(key="save").click().run()
+    at.button(key="save-1").click().run()
     assert at.session_state["position"] == 1 and "请回答全部四个问题" in page_text(at)
     at = answer(at, {"style": 1, "match": 1, "detail": 1, "beauty": 1})
-    # Back to the first item: the saved answers are shown and can be revised.
-    at.button(key="back").click().run()
-    at.button(key="back").click().run()
+    # Back keeps unsaved choices: leave item 3 half answered, go back twice, come forward again.
+    at.radio(key="2-detail").set_value(4)
+    at.button(key="back-2").click().run()
+    at.button(key="back-1").click().run()
     assert at.session_state["position"] == 0
-    assert at.radio(key="0-style").value == 5
+    assert at.radio(key="0-style").value == 5  # the saved answer is shown and can be revised
     at = answer(at, {"style": 5, "match": 4, "detail": 3, "beauty": 4})
     assert store.item_view(db, alice, 0).scores == {"style": 5, "match": 4, "detail": 3, "beauty": 4}
     assert count(db, "scores") == 8
-    # A new session (leave and come back) resumes at the first unrated item.
+    assert at.session_state["position"] == 2 and at.radio(key="2-detail").value == 4 and at.radio(key="2-style").value is None
+    # A new session on the invitation link resumes at the first unrated item.
     again = open_app(tokens["alice"])
     again.button(key="start").click().run()
     assert again.session_state["position"] == 2
-    assert "2 / " in " ".join(p.proto.text for p in again.get("progress"))
+    assert "2 / " in page_text(again)
+    # A new session on a link with an item (a reload, a second tab, a server restart) opens that item directly.
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.query_params["token"] = tokens["alice"]
+    at.query_params["item"] = "2"
+    at.run()
+    assert at.session_state["position"] == 1 and at.radio(key="1-style").value == 1
 
 
-def test_app_finishing_shows_thank_you(app_env):
+def test_app_save_moves_on_and_next_item_starts_clean(app_env):
+    db, tokens = app_env
+    alice = rater_id(db, "alice")
+    at = open_app(tokens["alice"])
+    at.button(key="start").click().run()
+    for key in ("style", "match", "detail", "beauty"):
+        at.radio(key=f"0-{key}").set_value(3)
+    at.button(key="save-0").click().run()
+    assert not at.exception and at.session_state["position"] == 1
+    assert all(at.radio(key=f"1-{key}").value is None for key in ("style", "match", "detail", "beauty"))
+    assert "请回答全部四个问题" not in page_text(at)
+    with store.connect(db) as con:
+        assert con.execute("SELECT saves FROM item_notes WHERE rater_id = ? AND position = 0", [alice]).fetchone() == (1,)
+
+
+def test_app_save_over_another_tabs_save_asks_first(app_env):
+    db, tokens = app_env
+    alice = rater_id(db, "alice")
+    first, second = open_app(tokens["alice"]), open_app(tokens["alice"])
+    for tab in (first, second):
+        tab.button(key="start").click().run()
+    first = answer(first, {"style": 5, "match": 5, "detail": 5, "beauty": 5})
+    second = answer(second, {"style": 1, "match": 1, "detail": 1, "beauty": 1})
+    # The second tab's save is refused with a message naming the other save; its choices stay on screen.
+    assert store.item_view(db, alice, 0).scores == {"style": 5, "match": 5, "detail": 5, "beauty": 5}
+    assert second.session_state["position"] == 0 and "另一个标签页或窗口" in page_text(second)
+    assert second.radio(key="0-style").value == 1
+    # Saving again overwrites, knowingly.
+    second.button(key="save-0").click().run()
+    assert store.item_view(db, alice, 0).scores == {"style": 1, "match": 1, "detail": 1, "beauty": 1}
+    assert second.session_state["position"] == 1
+
+
+def test_app_finishing_shows_thank_you_then_review_revises_any_item(app_env):
     db, tokens = app_env
     bob = rater_id(db, "bob")
     total = len(store.completed_positions(db, bob))
@@ -330,32 +408,63 @@ def test_app_finishing_shows_thank_you(app_env):
     at.button(key="start").click().run()
     assert at.session_state["position"] == 0
     at = answer(at, ALL_FOUR)
-    assert at.session_state["position"] is None
+    assert at.session_state["view"] == "done"
     assert "感谢您的参与" in page_text(at)
+    at.button(key="review").click().run()
+    review = at.dataframe[0].value
+    assert len(review) == total and list(review["#"]) == list(range(1, total + 1))
+    assert all(str(url).startswith("data:image/jpeg;base64,") for url in review["image"])
+    at.number_input(key="open-number").set_value(3)
+    at.button[0].click().run()
+    assert at.session_state["position"] == 2 and at.radio(key="2-style").value == 3
+    at = answer(at, {**ALL_FOUR, "style": 5})
+    # Revising after finishing returns to the review page, not to the thank-you page.
+    assert at.session_state["view"] == "review" and at.dataframe[0].value["style"][2] == "5"
+    with store.connect(db) as con:
+        assert con.execute("SELECT old_score, new_score FROM score_audit WHERE rater_id = ? AND position = 2 AND dimension = 'style' ORDER BY audit_id", [bob]).fetchall() == [(None, 3), (3, 5)]
 
 
 def test_app_bad_and_revoked_tokens_get_no_access(app_env):
     db, tokens = app_env
     at = open_app("not-a-real-token")
     assert "评分码无效或已被停用" in page_text(at)
-    assert [r.key for r in at.radio] == ["lang"] and [b.label for b in at.button] == ["进入"]  # the login form only
+    assert not at.radio and [b.label for b in at.button] == ["进入"]  # the login form only
     store.revoke_rater(db, "bob")
     at = open_app(tokens["bob"])
     assert "评分码无效或已被停用" in page_text(at)
-    assert [r.key for r in at.radio] == ["lang"] and "position" not in at.session_state
+    assert not at.radio and "position" not in at.session_state
     # Typing a valid code signs in and puts the token in the URL for reloads.
     at = open_app()
     at.text_input[0].input(tokens["alice"])
     at.button[0].click().run()
     assert at.query_params["token"] == tokens["alice"]
-    assert "评分人：alice" in page_text(at) + " ".join(m.value for m in at.sidebar.markdown)
+    assert "评分人：alice" in page_text(at)
+
+
+def test_app_shows_texts_and_names_literally(tmp_path, monkeypatch, references):
+    hostile = "# 标题 ![x](http://127.0.0.1:9/t.png) :red[红] *word* <img src=x onerror=alert(1)> $x^2$"
+    manifest = sample.write_sample_manifest(tmp_path / "generation", n_prompts=2, size=64)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for record in records:
+        record["narrative_zh"] = record["prompt_en"] = record["prompt"] = hostile
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    db = tmp_path / "study.duckdb"
+    [(_, token, _)] = study.create_study(manifest, db, [hostile], qc_retest=0, qc_attention=0)
+    monkeypatch.setenv(DB_ENV, str(db))
+    at = open_app(token)
+    at.button(key="start").click().run()
+    texts = [t.value for t in at.text]
+    assert hostile in texts and f"评分人：{hostile}" in texts
+    # Nothing from the study reaches an element that renders Markdown or HTML.
+    rendered = [m.value for m in at.markdown] + [c.value for c in at.caption] + [h.proto.body for h in at.html]
+    assert not any("标题" in r or "word" in r for r in rendered)
 
 
 def test_app_language_switch(app_env):
     _, tokens = app_env
     at = open_app(tokens["alice"])
     assert "评分说明" in page_text(at)
-    at.radio(key="lang").set_value("en").run()
+    at.segmented_control(key="lang").set_value("en").run()
     assert "Instructions" in page_text(at)
     at.button(key="start").click().run()
     assert at.radio(key="0-match").label == "**Image–text match**"
@@ -364,6 +473,7 @@ def test_app_language_switch(app_env):
 
 def test_app_admin_needs_the_password(app_env, monkeypatch):
     db, _ = app_env
+    monkeypatch.setenv(BASE_URL_ENV, "https://rating.example.org/study")
     store.add_ratings(db, [{"rater": "alice", "position": 0, **ALL_FOUR}])
     at = AppTest.from_file(str(APP), default_timeout=30)
     at.query_params["page"] = "admin"
@@ -384,3 +494,54 @@ def test_app_admin_needs_the_password(app_env, monkeypatch):
     at.checkbox[0].check()
     next(b for b in at.button if b.label == "Unblind").click().run()
     assert len(at.dataframe) == 3 and store.study_settings(db).unblinded
+    # A rater added here gets a link on the configured base URL, appended to the links file (mode 600).
+    next(t for t in at.text_input if t.label == "New rater's name").input("carol")
+    next(b for b in at.button if b.label == "Add rater").click().run()
+    links_file = db.with_suffix(".links.csv")
+    rows = links_file.read_text().splitlines()
+    assert rows[0] == "rater,token,link" and rows[-1].startswith("carol,")
+    assert rows[-1].split(",")[2].startswith("https://rating.example.org/study/?token=")
+    assert links_file.stat().st_mode & 0o777 == 0o600
+    assert any(c.value == rows[-1].split(",")[2] for c in at.code)
+
+
+def test_app_admin_sign_in_locks_after_wrong_passwords(app_env, monkeypatch):
+    monkeypatch.setenv("FANGZHI_ADMIN_PASSWORD", "correct horse")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.query_params["page"] = "admin"
+    at.run()
+    for _ in range(3):
+        at.text_input[0].input("guess")
+        at.button[0].click().run()
+    assert "locked for 1 s" in page_text(at)
+    # While locked even the right password is refused, without being checked.
+    at.text_input[0].input("correct horse")
+    at.button[0].click().run()
+    assert "Too many wrong passwords" in page_text(at) and not at.dataframe
+    time.sleep(1.1)
+    at.text_input[0].input("correct horse")
+    at.button[0].click().run()
+    assert at.dataframe
+
+
+def test_app_error_state_is_in_the_raters_language(tmp_path, monkeypatch):
+    manifest = sample.write_sample_manifest(tmp_path / "generation", n_prompts=2, size=64)
+    db = tmp_path / "study.duckdb"
+    [(_, token, _)] = study.create_study(manifest, db, ["alice"], qc_retest=0, qc_attention=0)
+    monkeypatch.setenv(DB_ENV, str(db))
+    at = open_app(token)
+    for image in (manifest.parent / "images").iterdir():  # the images vanish from the disk under a running app
+        image.unlink()
+    at.button(key="start").click().run()
+    assert not at.exception and "出错了" in page_text(at) and "上一次“保存并继续”" in page_text(at)
+
+
+def test_rate_config_base_url_sets_the_path_and_links_file(tmp_path):
+    config = RateConfig(db=tmp_path / "study.duckdb", port=8600, base_url="https://rating.example.org/study/")
+    assert config.public_url == "https://rating.example.org/study" and config.url_path == "study"
+    assert config.links_file == tmp_path / "study.links.csv"
+    assert RateConfig(db=tmp_path / "s.duckdb", port=8600).public_url == "http://localhost:8600"
+    command = streamlit_command("0.0.0.0", 8600, config.url_path)
+    assert command[command.index("--server.baseUrlPath") + 1] == "study"
+    with pytest.raises(ValidationError):
+        RateConfig(db=tmp_path / "s.duckdb", port=0)

@@ -4,29 +4,209 @@ Raters open their invitation link (`/?token=...`) or type their code; the admin 
 The study database's path comes from the environment variable FANGZHI_RATING_DB (never a script
 argument: Streamlit sends its command line to the browser).
 
-What reaches the browser about an item: freshly encoded JPEG pixels (named by Streamlit after their
-content hash), the prompt's Chinese narrative and English text (the same for both arms), and widget
-keys built from the rater's own position numbers. Arms, image ids, file names, seeds and model names
+What reaches the browser about an item: freshly encoded JPEG pixels padded to one length for the
+whole study (named by Streamlit after their bytes, which differ per rater session), the prompt's
+Chinese narrative and English text (the same for both arms, shown as literal text), and widget keys
+built from the rater's own position numbers. Arms, image ids, file names, seeds and model names
 stay on the server.
+
+One item fits one screen: the image on the left as tall as the window allows, the text and the four
+questions on the right; on a phone they stack, image first. A small script in the page gives the
+keyboard (digits score the highlighted question, Enter saves), brings each new item to the top,
+keeps unsaved choices in the browser across a server restart, and says in the rater's language
+when the connection is lost.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import io
 import os
+import secrets
 import sys
+import threading
 import time
+import traceback
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
 
 import streamlit as st
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
 from fangzhi.rating_app import i18n, media, store, study
-from fangzhi.rating_app.serve import DB_ENV
+from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
 SCORES = list(range(SCORE_MIN, SCORE_MAX + 1))
+# Wrong admin passwords: after ADMIN_FREE_TRIES, each further one locks the page for twice as long.
+ADMIN_FREE_TRIES = 3
+ADMIN_MAX_LOCK_SECONDS = 600
+# What the app remembers about the signed-in rater in their session.
+RATER_STATE = ("rater_id", "view", "position", "shown_at", "drafts", "loaded_versions", "notice")
+
+PAGE_CSS = """
+<style>
+/* One item, one screen: little chrome, no Streamlit header (its status texts are English only). */
+header[data-testid="stHeader"] { display: none; }
+[data-testid="stMainBlockContainer"] { padding: 0.6rem 1.5rem 1rem; max-width: 100%; }
+[data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
+.st-key-item-image img { max-height: calc(100vh - 13rem); width: 100%; object-fit: contain; }
+.st-key-references [data-testid="stElementContainer"] { width: auto !important; flex: 0 0 auto; }
+/* Thumbnails, except in Streamlit's full-screen view (which sets the image's max-height inline). */
+.st-key-references img:not([style*="max-height"]) { height: 4.6rem; width: auto !important; }
+.st-key-questions [data-testid="stRadio"] { padding: 0.15rem 0.4rem; border-radius: 0.4rem; }
+.st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.72rem; line-height: 1.15; }
+/* Five equal columns, so every anchor gets the same width in either language. */
+.st-key-questions [data-testid="stRadio"] [role="radiogroup"] { display: grid !important; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 0.2rem 0.7rem; align-items: start; }
+.st-key-questions [data-testid="stRadio"].fz-current { outline: 3px solid #d9622b; outline-offset: 1px; background: #fff4ee; }
+.fz-banner { position: fixed; top: 0; left: 0; right: 0; z-index: 1000100; padding: 0.8rem 1.2rem;
+             background: #8a1c1c; color: #fff; font-size: 1rem; text-align: center; }
+/* Streamlit's own connection dialog is English only; the page script shows the rater's language instead. */
+div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErrorDialog"] { display: none !important; }
+@media (max-width: 640px) {
+  .st-key-keyboard-hint { display: none; }
+  [data-testid="stMainBlockContainer"] { padding: 0.4rem 0.6rem 1rem; }
+  .st-key-item-image img { max-height: 62vh; }
+  .st-key-references img:not([style*="max-height"]) { height: 2.3rem; }
+  .st-key-references { gap: 0.35rem; }
+  .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.62rem; }
+  .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.1rem 0.3rem; }
+}
+</style>
+"""
+
+# The page script: plain DOM code, installed once per browser tab (Streamlit keeps the element).
+PAGE_SCRIPT = r"""
+<script>
+(() => {
+  if (window.fangzhiPage) return;
+  window.fangzhiPage = true;
+  let current = 0, shownItem = null, restoredFor = null, failures = 0, lastAnswers = null;
+  const marker = () => document.querySelector('.fz-item');
+  const questions = () => [...document.querySelectorAll('.st-key-questions [data-testid="stRadio"]')];
+  const choices = (q) => [...q.querySelectorAll('input[type="radio"]')];
+  const draftKey = (m) => `fangzhi-draft-${m.dataset.rater}-${m.dataset.item}`;
+  const answers = () => questions().map((q) => choices(q).findIndex((c) => c.checked));
+  const choose = (q, index) => choices(q)[index].closest('label').click();
+  function highlight() {
+    questions().forEach((q, i) => q.classList.toggle('fz-current', i === current));
+  }
+  function rememberDraft() {
+    const m = marker();
+    if (m) localStorage.setItem(draftKey(m), JSON.stringify({saved: m.dataset.saved, answers: answers()}));
+  }
+  function restoreDraft(m) {
+    // Choices made before a server restart or reload: put back unless the item was saved since.
+    const draft = JSON.parse(localStorage.getItem(draftKey(m)) || 'null');
+    if (!draft) return;
+    if (draft.saved !== m.dataset.saved) { localStorage.removeItem(draftKey(m)); return; }
+    if (answers().some((a) => a >= 0) || !draft.answers.some((a) => a >= 0)) return;
+    questions().forEach((q, i) => { if (draft.answers[i] >= 0) choose(q, draft.answers[i]); });
+    const note = document.createElement('div');
+    note.className = 'fz-restored';
+    note.textContent = m.dataset.restored;
+    note.style.cssText = 'color:#8a4b00;font-size:0.9rem;margin:0.2rem 0';
+    questions()[0]?.before(note);
+  }
+  setInterval(() => {
+    const m = marker();
+    // Wait until the questions on the page are this item's (their keys start with its position).
+    if (m && !document.querySelector(`.st-key-${m.dataset.item}-${m.dataset.first}`)) return;
+    const item = m ? `${m.dataset.rater}-${m.dataset.item}` : null;
+    if (item !== shownItem) {
+      shownItem = item;
+      const open = answers().findIndex((a) => a < 0);
+      current = open < 0 ? 0 : open;
+      // A new item starts at the top of the page, not where the last one was scrolled to.
+      window.scrollTo(0, 0);
+      document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"]').forEach((e) => e.scrollTo(0, 0));
+    }
+    if (m && questions().length && restoredFor !== m) { restoredFor = m; restoreDraft(m); }
+    // Streamlit's radios change without a DOM change event: compare with the last look instead.
+    const now = answers();
+    const sameQuestions = lastAnswers && lastAnswers.item === item && lastAnswers.values.length === now.length;
+    // (A choice made; a new item's questions replacing the last one's are not one.)
+    const chosen = sameQuestions ? now.findIndex((a, i) => a >= 0 && a !== lastAnswers.values[i]) : -1;
+    if (m && chosen >= 0) {
+      rememberDraft();
+      if (chosen === current) current = Math.min(chosen + 1, now.length - 1);
+    }
+    lastAnswers = {item, values: now};
+    highlight();
+  }, 80);
+  document.addEventListener('keydown', (e) => {
+    const t = e.target;
+    if (!marker() || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (t && (t.tagName === 'TEXTAREA' || t.isContentEditable || (t.tagName === 'INPUT' && t.type !== 'radio'))) return;
+    if (e.key >= '1' && e.key <= '5') {
+      const q = questions()[current];
+      if (!q) return;
+      choose(q, Number(e.key) - 1);
+      current = Math.min(current + 1, questions().length - 1);
+      highlight();
+      e.preventDefault();
+      e.stopPropagation();
+    } else if (e.key === 'Enter' && !(t && t.tagName === 'BUTTON')) {
+      // Also when a choice has focus, where Streamlit's own shortcut does not fire.
+      document.querySelector(`.st-key-save-${marker().dataset.item} button`)?.click();
+      e.preventDefault();
+      e.stopPropagation();
+    } else if (e.key === 'ArrowUp' || e.key === 'ArrowDown') {
+      if (t && t.type === 'radio') return;  // the browser moves between choices
+      current = Math.max(0, Math.min(questions().length - 1, current + (e.key === 'ArrowDown' ? 1 : -1)));
+      highlight();
+      e.preventDefault();
+    }
+  }, true);
+  // A double click (or Enter pressed twice) saves once: another Save click on the same item
+  // within SAVE_PAUSE_MS is dropped. (The server also ignores a Save for an item no longer shown.)
+  let lastSave = {at: 0, item: null};
+  const SAVE_PAUSE_MS = 700;
+  document.addEventListener('click', (e) => {
+    const button = e.target.closest && e.target.closest('[class*="st-key-save-"]');
+    if (!button) return;
+    const item = button.className.match(/st-key-save-(\d+)/)?.[1];
+    if (item === lastSave.item && performance.now() - lastSave.at < SAVE_PAUSE_MS) {
+      e.preventDefault();
+      e.stopImmediatePropagation();
+      return;
+    }
+    lastSave = {at: performance.now(), item};
+  }, true);
+  // An image whose request failed (its media file replaced during a rerun) is asked for again.
+  setInterval(() => {
+    const img = document.querySelector('.st-key-item-image img');
+    if (!img || !img.complete || img.naturalWidth > 0 || !img.src) return;
+    const tries = Number(img.dataset.retries || 0);
+    if (tries >= 5) return;
+    img.dataset.retries = tries + 1;
+    img.src = img.src.split('?')[0] + '?retry=' + (tries + 1);
+  }, 500);
+  // The connection, in the rater's language (Streamlit's own notice is English only).
+  setInterval(async () => {
+    let ok = false;
+    try { ok = (await fetch('_stcore/health', {cache: 'no-store'})).ok; } catch (err) { ok = false; }
+    failures = ok ? 0 : failures + 1;
+    let banner = document.querySelector('.fz-banner');
+    if (failures >= 2 && !banner) {
+      banner = document.createElement('div');
+      banner.className = 'fz-banner';
+      banner.setAttribute('role', 'alert');
+      banner.textContent = document.querySelector('.fz-page')?.dataset.offline || 'Connection lost / 连接已断开';
+      document.body.append(banner);
+    } else if (ok && banner) {
+      banner.remove();
+    }
+  }, 1500);
+})();
+</script>
+"""
+
+
+# ---- shared, process-wide resources -----------------------------------------------------------
 
 
 # The app's one connection to the study for the server's lifetime (closed at shutdown, or when the cache is cleared).
@@ -35,9 +215,32 @@ def study_server(db: str) -> store.StudyServer:
     return store.StudyServer(db)
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
+@st.cache_data(show_spinner=False, max_entries=1024)
 def display_bytes(path: str, max_side: int) -> bytes:
     return media.encode_for_display(path, max_side)
+
+
+@st.cache_resource(show_spinner=False)
+def padded_length(_con, db: str, max_side: int) -> int:
+    """Every rated image (or thumbnail) of the study is sent at this one length: its largest encoding."""
+    return max(len(display_bytes(path, max_side)) for path in store.study_image_paths(_con))
+
+
+@st.cache_resource
+def rater_locks() -> defaultdict[int, threading.Lock]:
+    """One lock per rater, so a conflict check and the save it guards run as one step across tabs."""
+    return defaultdict(threading.Lock)
+
+
+@st.cache_resource
+def admin_attempts() -> dict:
+    return {"failures": 0, "locked_until": 0.0, "lock": threading.Lock()}
+
+
+def rated_image(con, db: str, path: str, position: int, max_side: int) -> bytes:
+    """The image as this rater's session receives it: padded to the study's length with session-keyed filler."""
+    key = st.session_state.setdefault("media_key", secrets.token_bytes(16))
+    return media.pad(display_bytes(path, max_side), padded_length(con, db, max_side), key + f"{max_side}/{position}".encode())
 
 
 def admin_password() -> str | None:
@@ -49,10 +252,6 @@ def admin_password() -> str | None:
         return None
 
 
-def first_unrated(complete: list[bool]) -> int | None:
-    return next((position for position, done in enumerate(complete) if not done), None)
-
-
 def next_position(complete: list[bool], position: int) -> int | None:
     """The first unrated item after `position` (wrapping around); None when everything is rated.
 
@@ -60,6 +259,31 @@ def next_position(complete: list[bool], position: int) -> int | None:
     """
     order = list(range(position + 1, len(complete))) + list(range(position + 1))
     return next((p for p in order if not complete[p]), None)
+
+
+def page_frame(lang: str) -> None:
+    st.html(PAGE_CSS)
+    st.html(f'<div class="fz-page" data-offline="{_attribute(i18n.text("connection_lost", lang))}"></div>')
+    st.html(PAGE_SCRIPT, unsafe_allow_javascript=True)
+
+
+def _attribute(value: str) -> str:
+    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def go_to(view: str, position: int | None = None) -> None:
+    """Show `view` ('item', 'review', 'done' or 'start'); the URL follows, so a reload or a server restart lands here again."""
+    st.session_state.view = view
+    st.session_state.position = position
+    if view == "item":
+        st.query_params["item"] = str(position + 1)
+        st.query_params.pop("view", None)
+    else:
+        st.query_params.pop("item", None)
+        if view in ("review", "done"):
+            st.query_params["view"] = view
+        else:
+            st.query_params.pop("view", None)
 
 
 # ---- rater pages -----------------------------------------------------------------------------
@@ -83,9 +307,12 @@ def instructions_page(complete: list[bool], lang: str) -> None:
     st.subheader(i18n.text("instructions_title", lang))
     st.markdown(i18n.text("instructions", lang, dimensions=i18n.dimension_overview(lang)))
     st.progress(sum(complete) / len(complete), text=i18n.text("progress", lang, done=sum(complete), total=len(complete)))
-    if st.button(i18n.text("start", lang), type="primary", key="start"):
-        st.session_state.started = True
-        st.session_state.position = first_unrated(complete)
+    if st.button(i18n.text("start", lang), type="primary", key="start", shortcut="Enter"):
+        first_open = next_position(complete, len(complete) - 1)
+        if first_open is None:
+            go_to("review")
+        else:
+            go_to("item", first_open)
         st.rerun()
 
 
@@ -93,125 +320,261 @@ def thank_you_page(lang: str) -> None:
     st.title(i18n.text("thanks_title", lang))
     st.success(i18n.text("thanks", lang))
     if st.button(i18n.text("review", lang), key="review"):
-        st.session_state.position = 0
+        go_to("review")
         st.rerun()
 
 
-def apply_navigation(con, rater_id: int) -> list[bool] | None:
-    """Act on the Save & next or Back click that started this run, before the page is drawn.
+def review_page(con, db: str, rater: store.Rater, lang: str) -> None:
+    rows = store.review_rows(con, rater.rater_id)
+    done = sum(len(row.scores) == len(DIMENSIONS) for row in rows)
+    st.subheader(i18n.text("review_title", lang))
+    st.text(i18n.text("progress", lang, done=done, total=len(rows)))
+    first_open = next((row.position for row in rows if len(row.scores) < len(DIMENSIONS)), None)
+    if first_open is not None and st.button(i18n.text("continue", lang), type="primary", key="continue"):
+        go_to("item", first_open)
+        st.rerun()
 
-    Done here rather than in on_click callbacks so that the save and drawing the next item share
-    the run's one database connection (opening a DuckDB file costs ~12 ms).
-    Returns the rater's completed positions after a save (the page needs them too), else None.
+    def thumbnail(row: store.ReviewRow) -> str:
+        jpeg = rated_image(con, db, row.image_path, row.position, media.THUMBNAIL_MAX_SIDE)
+        return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+    table = {
+        "#": [row.position + 1 for row in rows],
+        "image": [thumbnail(row) for row in rows],
+        "status": [i18n.text("status_done" if len(row.scores) == len(DIMENSIONS) else "status_open", lang) for row in rows],
+        # As text, so that an unrated item's cells stay empty.
+        **{d.key: [str(row.scores.get(d.key, "")) for row in rows] for d in DIMENSIONS},
+    }
+    columns = {
+        "#": st.column_config.NumberColumn("#", width="small"),
+        "image": st.column_config.ImageColumn(i18n.text("column_image", lang), width="small"),
+        "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
+        **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
+    }
+    selection = st.dataframe(
+        table, column_config=columns, hide_index=True, row_height=64, height=min(560, 40 + 65 * len(rows)),
+        on_select="rerun", selection_mode="single-row", key="review-table",
+    )
+    chosen = selection.selection.rows if selection else []
+    with st.form("open-item", border=False):
+        number = st.number_input(i18n.text("open_item", lang), min_value=1, max_value=len(rows), step=1, value=None, key="open-number")
+        if st.form_submit_button(i18n.text("open", lang), type="primary") and number:
+            chosen = [int(number) - 1]
+    if chosen:
+        st.session_state.pop("review-table", None)
+        go_to("item", chosen[0])
+        st.rerun()
+
+
+def submitted_answers(position: int) -> dict[str, int | None]:
+    return {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
+
+
+def apply_navigation(con, rater_id: int, complete: list[bool]) -> str | None:
+    """Act on the Save, Back or All-images click that started this run; returns which was clicked.
+
+    Runs before the page is drawn, so that a save and drawing the next item take one run. The
+    buttons are keyed by the item's position, so a second click on one item's Save that arrives
+    after the first has moved on (a double click) finds no button of the item now shown and does nothing.
     """
     position = st.session_state.get("position")
-    if position is None:
+    if st.session_state.get("view") != "item" or position is None:
         return None
-    shown_at = st.session_state.setdefault("shown_at", {})
-    if st.session_state.get("back") and position > 0:
-        shown_at.pop(position, None)
-        st.session_state.position = position - 1
-    elif st.session_state.get("save"):
-        answers = {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
-        if any(score is None for score in answers.values()):
-            st.session_state.missing_answers = True
-            return None
+    drafts = st.session_state.setdefault("drafts", {})
+    clicked = next((name for name in ("save", "back", "overview") if st.session_state.get(f"{name}-{position}")), None)
+    if clicked is None:
+        return None
+    answers = submitted_answers(position)
+    comment = st.session_state.get(f"{position}-comment", "")
+    if clicked != "save":
+        # Leaving without saving keeps the choices for when the rater comes back.
+        drafts[position] = (answers, comment)
+        st.session_state.get("shown_at", {}).pop(position, None)
+        if clicked == "overview" or position == 0:
+            go_to("review")
+        else:
+            go_to("item", position - 1)
+        return clicked
+    if any(score is None for score in answers.values()):
+        st.session_state.notice = ("answer_all", {})
+        return clicked
+    with rater_locks()[rater_id]:
+        loaded = st.session_state.setdefault("loaded_versions", {}).get(position)
+        current = store.item_version(con, rater_id, position)
+        if loaded is not None and current != loaded:
+            # Saved in another tab since this page was drawn: say so, keep this page's choices, and
+            # let a second Save overwrite knowingly.
+            saved = store.item_view(con, rater_id, position).scores
+            st.session_state.loaded_versions[position] = current
+            drafts[position] = (answers, comment)
+            ago = (datetime.now(timezone.utc) - current.changed_at).total_seconds()
+            st.session_state.notice = ("conflict", {"minutes": max(0, round(ago / 60)), "scores": saved})
+            return clicked
+        shown_at = st.session_state.setdefault("shown_at", {})
         seconds = time.monotonic() - shown_at.pop(position, time.monotonic())
-        store.save_item(con, rater_id, position, answers, st.session_state.get(f"{position}-comment", ""), seconds)
-        complete = store.completed_positions(con, rater_id)
-        st.session_state.position = next_position(complete, position)
-        return complete
-    return None
+        store.save_item(con, rater_id, position, answers, comment, seconds)
+        st.session_state.loaded_versions.pop(position, None)
+    drafts.pop(position, None)
+    following = next_position(store.completed_positions(con, rater_id), position)
+    if following is not None:
+        go_to("item", following)
+    else:
+        go_to("review" if all(complete) else "done")  # the thank-you page once, when the last item is rated
+    return clicked
 
 
-def item_page(con, rater: store.Rater, complete: list[bool], references: tuple[str, ...], lang: str) -> None:
+def item_page(con, db: str, rater: store.Rater, complete: list[bool], references: tuple[str, ...], lang: str) -> None:
     position = st.session_state.position
     total = len(complete)
     item = store.item_view(con, rater.rater_id, position)
     st.session_state.setdefault("shown_at", {}).setdefault(position, time.monotonic())
+    st.session_state.setdefault("loaded_versions", {}).setdefault(position, store.item_version(con, rater.rater_id, position))
+    draft_scores, draft_comment = st.session_state.get("drafts", {}).get(position, ({}, None))
+    saved_signature = ",".join(str(item.scores.get(d.key, "")) for d in DIMENSIONS)
+    st.html(
+        f'<div class="fz-item" data-rater="{rater.rater_id}" data-item="{position}" data-first="{DIMENSIONS[0].key}" data-saved="{saved_signature}" '
+        f'data-restored="{_attribute(i18n.text("draft_restored", lang))}"></div>'
+    )
 
-    st.progress(sum(complete) / total, text=i18n.text("progress", lang, done=sum(complete), total=total))
-    image_column, side_column = st.columns([3, 2], gap="medium")
+    image_column, side_column = st.columns([11, 9], gap="medium")
     with image_column:
-        st.caption(i18n.text("item_counter", lang, k=position + 1, n=total))
-        st.image(display_bytes(item.image_path, media.ITEM_MAX_SIDE), output_format="JPEG", width="stretch")
-    with side_column:
-        st.markdown(f"**{i18n.text('text_zh', lang)}**")
-        st.markdown(item.narrative_zh)
-        with st.expander(i18n.text("prompt_en", lang)):
-            st.markdown(item.prompt_en)
+        with st.container(key="item-image"):
+            st.image(rated_image(con, db, item.image_path, position, media.ITEM_MAX_SIDE), output_format="JPEG", width="stretch")
         if references:
-            st.markdown(f"**{i18n.text('reference', lang)}**")
-            # Sent at their encoded size ("stretch" never makes Streamlit re-encode them on each run).
-            reference_columns = st.columns(2)
-            for index, path in enumerate(references):
-                reference_columns[index % 2].image(display_bytes(path, media.REFERENCE_MAX_SIDE), output_format="JPEG", width="stretch")
-
-    if item.kind == "attention":
-        st.info(i18n.text("attention", lang, score=item.expected))
-    if st.session_state.pop("missing_answers", False):
-        st.warning(i18n.text("answer_all", lang))
-    with st.form(f"item-{position}"):
-        for dimension in DIMENSIONS:
-            previous = item.scores.get(dimension.key)
-            st.radio(
-                f"**{i18n.dimension_name(dimension.key, lang)}**",
-                options=SCORES,
-                captions=list(i18n.ANCHORS[dimension.key][lang]),
-                index=SCORES.index(previous) if previous else None,
-                horizontal=True,
-                key=f"{position}-{dimension.key}",
+            with st.container(key="references", horizontal=True, gap="small"):
+                for path in references:
+                    # Sent at zoom size; the image's full-screen button shows it large beside nothing else.
+                    st.image(display_bytes(path, media.REFERENCE_MAX_SIDE), output_format="JPEG", width="stretch")
+            st.caption(i18n.text("reference", lang))
+    with side_column:
+        st.text(i18n.text("item_counter", lang, k=position + 1, n=total) + " · " + i18n.text("progress", lang, done=sum(complete), total=total))
+        with st.container(key="item-text"):
+            st.text(item.narrative_zh)
+            with st.expander(i18n.text("prompt_en", lang)):
+                st.text(item.prompt_en)
+        if item.kind == "attention":
+            st.info(i18n.text("attention", lang, score=item.expected))
+        notice, fields = st.session_state.pop("notice", (None, {}))
+        if notice == "answer_all":
+            st.warning(i18n.text("answer_all", lang))
+        elif notice == "conflict":
+            scores = ", ".join(f"{i18n.dimension_name(d.key, lang)} {fields['scores'][d.key]}" for d in DIMENSIONS if d.key in fields["scores"])
+            st.warning(i18n.text("conflict", lang, minutes=fields["minutes"], scores=scores or "—"))
+        with st.form(f"item-{position}", border=False), st.container(key="questions"):
+            for dimension in DIMENSIONS:
+                previous = draft_scores.get(dimension.key) or item.scores.get(dimension.key)
+                st.radio(
+                    f"**{i18n.dimension_name(dimension.key, lang)}**",
+                    options=SCORES,
+                    captions=list(i18n.ANCHORS[dimension.key][lang]),
+                    index=SCORES.index(previous) if previous else None,
+                    horizontal=True,
+                    key=f"{position}-{dimension.key}",
+                )
+            st.text_input(
+                i18n.text("comment", lang), value=draft_comment if draft_comment is not None else item.comment, max_chars=2000,
+                key=f"{position}-comment",
             )
-        st.text_area(i18n.text("comment", lang), value=item.comment, max_chars=2000, key=f"{position}-comment")
-        back_column, save_column = st.columns(2)
-        back_column.form_submit_button(i18n.text("back", lang), disabled=position == 0, key="back")
-        save_column.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Ctrl+Enter", key="save")
-    st.caption(i18n.text("keyboard_hint", lang))
+            with st.container(horizontal=True, gap="small"):
+                st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
+                st.form_submit_button(i18n.text("overview", lang), key=f"overview-{position}")
+                st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
+        with st.container(key="keyboard-hint"):
+            st.caption(i18n.text("keyboard_hint", lang))
 
 
-def rater_flow(con, references: tuple[str, ...], lang: str) -> None:
-    token = st.query_params.get("token", "")
-    rater = store.rater_for_token(con, token) if token else None
+def restore_view(complete: list[bool]) -> None:
+    """A new session (reload, second tab, server restart) continues where the URL says."""
+    if "view" in st.session_state:
+        return
+    item = st.query_params.get("item", "")
+    if item.isdigit() and 1 <= int(item) <= len(complete):
+        go_to("item", int(item) - 1)
+    elif st.query_params.get("view") in ("review", "done"):
+        go_to(st.query_params["view"])
+    else:
+        go_to("start")
+
+
+def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, ...], lang: str) -> None:
     if rater is None:
         # Forget whoever was signed in before: a bad or revoked token shows nothing of theirs.
-        for key in ("rater_id", "started", "position", "shown_at"):
+        for key in RATER_STATE:
             st.session_state.pop(key, None)
-        login_page(lang, bad_token=bool(token))
+        login_page(lang, bad_token=bool(st.query_params.get("token")))
         return
     if st.session_state.get("rater_id") != rater.rater_id:
-        for key in ("started", "position", "shown_at"):
+        for key in RATER_STATE:
             st.session_state.pop(key, None)
         st.session_state.rater_id = rater.rater_id
-    st.sidebar.write(i18n.text("signed_in_as", lang, name=rater.name))
 
-    complete = apply_navigation(con, rater.rater_id) if st.session_state.get("started") else None
-    if complete is None:
+    complete = store.completed_positions(con, rater.rater_id)
+    # A session's first run (after a reload, or a click that reached a restarted server) knows its
+    # widgets' values only once they are drawn: it acts on a click after drawing the page, then reruns.
+    fresh = "view" not in st.session_state
+    restore_view(complete)
+    if not fresh and apply_navigation(con, rater.rater_id, complete) == "save":
         complete = store.completed_positions(con, rater.rater_id)
-    if not st.session_state.get("started"):
+    view = st.session_state.view
+    if view == "start":
         instructions_page(complete, lang)
-    elif st.session_state.position is None:
+    elif view == "done":
         thank_you_page(lang)
+    elif view == "review":
+        review_page(con, db, rater, lang)
     else:
-        item_page(con, rater, complete, references, lang)
+        item_page(con, db, rater, complete, references, lang)
+        if fresh and apply_navigation(con, rater.rater_id, complete):
+            st.rerun()
+
+
+def top_bar(lang_default: str, rater_name: str | None) -> str:
+    with st.container(horizontal=True, vertical_alignment="center", key="top-bar"):
+        lang = st.segmented_control(
+            "language", options=list(i18n.LANGUAGES), format_func=i18n.LANGUAGE_NAMES.get, default=lang_default,
+            key="lang", label_visibility="collapsed",
+        ) or lang_default
+        if rater_name is not None:
+            st.text(i18n.text("signed_in_as", lang, name=rater_name))
+    return lang
 
 
 # ---- admin page ------------------------------------------------------------------------------
 
 
-def admin_page(con, unblinded: bool) -> None:
+def admin_login(expected: str) -> None:
+    attempts = admin_attempts()
+    with st.form("admin-login"):
+        entered = st.text_input("Admin password", type="password")
+        submitted = st.form_submit_button("Sign in")
+    if not submitted:
+        return
+    with attempts["lock"]:
+        wait = attempts["locked_until"] - time.monotonic()
+        if wait > 0:
+            st.error(f"Too many wrong passwords: try again in {wait:.0f} s.")
+            return
+        if hmac.compare_digest(entered.encode("utf-8"), expected.encode("utf-8")):
+            attempts["failures"] = 0
+            st.session_state.admin = True
+            st.rerun()
+        attempts["failures"] += 1
+        if attempts["failures"] >= ADMIN_FREE_TRIES:
+            lock = min(2 ** (attempts["failures"] - ADMIN_FREE_TRIES), ADMIN_MAX_LOCK_SECONDS)
+            attempts["locked_until"] = time.monotonic() + lock
+            st.error(f"Wrong password. The sign-in is locked for {lock} s.")
+        else:
+            st.error("Wrong password.")
+
+
+def admin_page(con, db: str, unblinded: bool) -> None:
     st.title("Rating study: admin")
     expected = admin_password()
     if not expected:
         st.error(f"The admin page is disabled: set the environment variable {ADMIN_PASSWORD_ENV} or `admin_password` in Streamlit secrets.")
         return
     if not st.session_state.get("admin"):
-        with st.form("admin-login"):
-            entered = st.text_input("Admin password", type="password")
-            if st.form_submit_button("Sign in"):
-                if hmac.compare_digest(entered.encode("utf-8"), expected.encode("utf-8")):
-                    st.session_state.admin = True
-                    st.rerun()
-                st.error("Wrong password.")
+        admin_login(expected)
         return
 
     st.subheader("Progress")
@@ -228,12 +591,19 @@ def admin_page(con, unblinded: bool) -> None:
     parquet_column.download_button("ratings.parquet", parquet.getvalue(), "ratings.parquet", "application/octet-stream")
 
     st.subheader("Raters")
+    base_url = os.environ.get(BASE_URL_ENV) or study.DEFAULT_BASE_URL
+    links_file = Path(os.environ.get(LINKS_ENV) or Path(db).with_suffix(".links.csv"))
     with st.form("add-rater", clear_on_submit=True):
         name = st.text_input("New rater's name")
-        base_url = st.text_input("Link base URL", value=study.DEFAULT_BASE_URL)
         if st.form_submit_button("Add rater") and name.strip():
-            new_name, _token, link = study.add_rater(con, name, base_url)
-            st.success(f"Invitation link for {new_name} (shown once, keep it): {link}")
+            try:
+                link = study.add_rater(con, name, base_url)
+            except FangzhiError as exc:  # e.g. the name is taken
+                st.error(str(exc))
+            else:
+                study.append_links([link], links_file)
+                st.text(f"Invitation link for {link[0]} (also appended to {links_file}):")
+                st.code(link[2], language=None)
     progress = store.rater_progress(con)
     active = progress.loc[~progress["revoked"], "rater"].tolist()
     with st.form("revoke-rater"):
@@ -259,30 +629,32 @@ def admin_page(con, unblinded: bool) -> None:
 
 def main() -> None:
     db = os.environ.get(DB_ENV)
-    st.set_page_config(page_title="Rating · 评分", layout="wide")
+    st.set_page_config(page_title="Rating · 评分", layout="wide", initial_sidebar_state="collapsed")
     if not db:
         st.error(f"No study database: start the app with `fangzhi rate --db study.duckdb` (or set {DB_ENV}).")
         return
+    lang = i18n.LANGUAGES[0]
     try:
         server = study_server(db)
     except FangzhiError as exc:  # e.g. another program holds the file; the next page load tries again
         print(f"fangzhi rate: {exc}", file=sys.stderr, flush=True)  # the details (server paths) stay in the server's log
         st.error("The rating study cannot be opened right now; please try again in a minute. · 评分系统暂时无法打开，请稍后再试。")
         return
-    with server.cursor() as con:
-        settings = store.study_settings(con)
-        lang = st.sidebar.radio(
-            i18n.text("language", settings.default_lang),
-            options=list(i18n.LANGUAGES),
-            format_func=i18n.LANGUAGE_NAMES.get,
-            index=i18n.LANGUAGES.index(settings.default_lang),
-            horizontal=True,
-            key="lang",
-        )
-        if st.query_params.get("page") == "admin":
-            admin_page(con, settings.unblinded)
-        else:
-            rater_flow(con, settings.reference_paths, lang)
+    try:
+        with server.cursor() as con:
+            settings = store.study_settings(con)
+            if st.query_params.get("page") == "admin":
+                page_frame(settings.default_lang)
+                admin_page(con, db, settings.unblinded)
+                return
+            token = st.query_params.get("token", "")
+            rater = store.rater_for_token(con, token) if token else None
+            lang = top_bar(settings.default_lang, rater.name if rater else None)
+            page_frame(lang)
+            rater_flow(con, db, rater, settings.reference_paths, lang)
+    except Exception:  # Streamlit's own error page is English only and may show server details
+        traceback.print_exc()
+        st.error(i18n.text("error", lang))
 
 
 main()

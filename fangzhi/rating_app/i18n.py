@@ -108,7 +108,7 @@ _TEXT: dict[str, dict[str, str]] = {
             "Score every image from 1 (worst) to 5 (best) on four questions; each score has a description:\n\n"
             "{dimensions}\n\n"
             "Please judge independently, from your own expertise; there is no need to guess where an image "
-            "came from. Use Back at any time to revise a score; if you leave and open your link again you "
+            "came from. Use Back or All images at any time to revise a score; if you leave and open your link again you "
             "continue at the first image you have not rated. A few images appear twice, and a few pages ask "
             "you to choose a given score: please answer them as carefully as the rest."
         ),
@@ -116,7 +116,10 @@ _TEXT: dict[str, dict[str, str]] = {
     "start": {"zh": "开始评分", "en": "Start rating"},
     "progress": {"zh": "已完成 {done} / {total}", "en": "{done} of {total} rated"},
     "item_counter": {"zh": "第 {k} 张，共 {n} 张", "en": "Image {k} of {n}"},
-    "reference": {"zh": "目标风格参考作品", "en": "Reference paintings (target style)"},
+    "reference": {
+        "zh": "目标风格参考作品：作品右上角的放大按钮可显示大图（Esc 返回）。",
+        "en": "Reference paintings (target style): the full-screen button at a painting's top right shows it large (Esc to return).",
+    },
     "text_zh": {"zh": "文字描述", "en": "Text (Chinese)"},
     "prompt_en": {"zh": "英文提示词", "en": "English prompt"},
     "attention": {
@@ -127,18 +130,44 @@ _TEXT: dict[str, dict[str, str]] = {
     "back": {"zh": "上一张", "en": "Back"},
     "save_next": {"zh": "保存并继续", "en": "Save & next"},
     "keyboard_hint": {
-        "zh": "提示：Tab 与方向键可在选项间移动，Ctrl+Enter 保存并继续。",
-        "en": "Tip: Tab and the arrow keys move between choices; Ctrl+Enter saves and goes on.",
+        "zh": "键盘：按 1–5 为高亮的问题打分并跳到下一题，↑↓ 换题，Enter 保存并继续。",
+        "en": "Keyboard: 1–5 scores the highlighted question and moves on, ↑↓ change question, Enter saves and goes on.",
     },
+    "overview": {"zh": "全部图像", "en": "All images"},
+    "conflict": {
+        "zh": "这张图像在您打开本页之后，已在另一个标签页或窗口中修改并保存（约 {minutes} 分钟前；保存的分数：{scores}）。"
+        "下方保留了本页的选择；再次点击“保存并继续”将用它们覆盖。",
+        "en": "This image was changed and saved in another tab or window after you opened this page (about {minutes} min ago; "
+        "saved scores: {scores}). Your choices on this page are kept below; press Save & next again to overwrite with them.",
+    },
+    "draft_restored": {
+        "zh": "已恢复您在本页尚未保存的选择，请检查后保存。",
+        "en": "Your unsaved choices on this image were restored; check them and save.",
+    },
+    "connection_lost": {
+        "zh": "与服务器的连接已断开，正在重新连接……本页的选择会保留，连接恢复后请点击“保存并继续”。",
+        "en": "The connection to the server was lost; reconnecting… Your choices on this page are kept: press Save & next once it is back.",
+    },
+    "error": {
+        "zh": "出错了。到上一次“保存并继续”为止的分数都已保存。请刷新页面；若仍有问题，请联系研究负责人。",
+        "en": "Something went wrong. Every score up to your last Save & next is saved. Reload the page; "
+        "if the problem persists, contact the study organiser.",
+    },
+    "review_title": {"zh": "我的评分", "en": "My scores"},
+    "status_done": {"zh": "已评", "en": "rated"},
+    "status_open": {"zh": "未评", "en": "not rated"},
+    "column_image": {"zh": "图像", "en": "Image"},
+    "column_status": {"zh": "状态", "en": "Status"},
+    "open_item": {"zh": "打开第几张（也可点选表格中的一行）", "en": "Open image number (or pick a row in the table)"},
+    "open": {"zh": "打开", "en": "Open"},
+    "continue": {"zh": "继续评分", "en": "Continue rating"},
     "answer_all": {"zh": "请回答全部四个问题后再保存。", "en": "Please answer all four questions before saving."},
-    "saved": {"zh": "已保存。", "en": "Saved."},
     "thanks_title": {"zh": "感谢您的参与！", "en": "Thank you!"},
     "thanks": {
         "zh": "您已完成全部评分，分数均已保存。您可以关闭此页面。",
         "en": "You have rated every image and all your scores are saved. You may close this page.",
     },
     "review": {"zh": "返回检查我的评分", "en": "Review my scores"},
-    "revoked_while_rating": {"zh": "此评分码已被停用。", "en": "This code has been revoked."},
 }
 
 

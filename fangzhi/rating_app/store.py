@@ -379,3 +379,52 @@ def revoke_rater(db: Database, name: str) -> None:
 
 def set_unblinded(db: Database) -> None:
     _transaction(db, lambda con: con.execute("UPDATE study SET unblinded_at = current_timestamp WHERE unblinded_at IS NULL"))
+
+
+# ---- the rating app's review page and save checks (added for the app's UI; new queries only) ----
+
+
+@dataclass(frozen=True)
+class ItemVersion:
+    """How often an item's scores have changed, and when last: a save in another tab changes it."""
+
+    changes: int
+    changed_at: Any
+
+
+def item_version(db: Database, rater_id: int, position: int) -> ItemVersion:
+    with _using(db) as con:
+        changes, changed_at = con.execute(
+            "SELECT count(*), max(changed_at) FROM score_audit WHERE rater_id = ? AND position = ?", [rater_id, position]
+        ).fetchone()
+    return ItemVersion(changes, changed_at)
+
+
+def study_image_paths(db: Database) -> list[str]:
+    """Every rated image of the study (both arms), in a fixed order."""
+    with _using(db) as con:
+        return [path for (path,) in con.execute("SELECT path FROM images ORDER BY image_id").fetchall()]
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    position: int
+    image_path: str
+    scores: dict[str, int]
+
+
+def review_rows(db: Database, rater_id: int) -> list[ReviewRow]:
+    """Each of the rater's items in order, with whatever scores are saved (an empty dict when none)."""
+    with _using(db) as con:
+        rows = con.execute(
+            """
+            SELECT a.position, i.path, list(s.dimension ORDER BY s.dimension), list(s.score ORDER BY s.dimension)
+            FROM assignments a
+            JOIN images i USING (image_id)
+            LEFT JOIN scores s USING (rater_id, position)
+            WHERE a.rater_id = ?
+            GROUP BY a.position, i.path ORDER BY a.position
+            """,
+            [rater_id],
+        ).fetchall()
+    return [ReviewRow(position, path, {d: s for d, s in zip(dims, scores) if d is not None}) for position, path, dims, scores in rows]

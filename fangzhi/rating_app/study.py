@@ -255,3 +255,14 @@ def write_links(links: list[tuple[str, str, str]], out: str | Path) -> None:
         writer.writerow(["rater", "token", "link"])
         writer.writerows(links)
     out.chmod(0o600)
+
+
+def append_links(links: list[tuple[str, str, str]], out: str | Path) -> None:
+    """Add invitation links to the admin's links file (created, with its header, if missing; kept mode 600)."""
+    out = Path(out)
+    if not out.exists():
+        write_links(links, out)
+        return
+    out.chmod(0o600)
+    with out.open("a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(links)
