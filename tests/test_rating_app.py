@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -377,7 +378,7 @@ def test_app_save_moves_on_and_next_item_starts_clean(app_env):
     assert not at.exception and at.session_state["position"] == 1
     assert all(at.radio(key=f"1-{key}").value is None for key in ("style", "match", "detail", "beauty"))
     assert "请回答全部四个问题" not in page_text(at)
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         assert con.execute("SELECT saves FROM item_notes WHERE rater_id = ? AND position = 0", [alice]).fetchone() == (1,)
 
 
@@ -420,7 +421,7 @@ def test_app_finishing_shows_thank_you_then_review_revises_any_item(app_env):
     at = answer(at, {**ALL_FOUR, "style": 5})
     # Revising after finishing returns to the review page, not to the thank-you page.
     assert at.session_state["view"] == "review" and at.dataframe[0].value["style"][2] == "5"
-    with store.connect(db) as con:
+    with studydb.connect(db) as con:
         assert con.execute("SELECT old_score, new_score FROM score_audit WHERE rater_id = ? AND position = 2 AND dimension = 'style' ORDER BY audit_id", [bob]).fetchall() == [(None, 3), (3, 5)]
 
 
