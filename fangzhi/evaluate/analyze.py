@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
 from fangzhi.evaluate import power as power_mod
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.evaluate import mixed, reliability, report, stats, table
+from fangzhi.evaluate.pairwise import analyze_pairwise
+from fangzhi.evaluate.pairwise_votes import file_columns, is_pairwise_file
 from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
 from fangzhi.studydb import attention_failures, raters_failing_attention, read_study
 
@@ -35,7 +37,9 @@ class AnalyzeConfig(StrictModel):
     include_revoked: bool = False  # with db: keep the ratings of raters whose access was revoked
     exclude_failed_attention: int | None = Field(None, ge=1)  # drop raters with at least this many failed attention checks
     clip: Path | None = None  # optional clip_scores.csv for the CLIP vs human part
-    baseline_arm: str = "base"
+    # The arm the others are compared against; also the pairwise analysis' arm fixed at Elo 1000.
+    baseline_arm: str = Field("base", validation_alias=AliasChoices("baseline_arm", "reference_arm"))
+    arm_order: list[str] | None = None  # table columns and adjacent-arm tests; default: baseline, then alphabetical
     arm_alias: dict[str, str] = {}  # arm spellings to rename while reading, e.g. {"LoRA": "lora"}
     bootstrap: int = Field(10_000, ge=100)
     seed: int = 0
@@ -47,6 +51,14 @@ class AnalyzeConfig(StrictModel):
         if self.db is not None and self.ratings is not None:
             raise ValueError("give either db or ratings, not both")
         return self
+
+
+# Options of the score analysis that mean nothing for preference votes: set with a votes file, an error.
+SCORE_ONLY_FLAGS: dict[str, str] = {
+    "sd_over": "--sd-over", "include_revoked": "--include-revoked", "exclude_failed_attention": "--exclude-failed-attention",
+    "clip": "--clip", "arm_alias": "--arm-alias", "arm_order": "--arm-order", "mixed_model": "--no-mixed-model",
+}
+PAIRWISE_BOOTSTRAP = 2000  # default resamples of the pairwise unit bootstrap (each one is a Bradley–Terry fit)
 
 
 class PowerConfig(StrictModel):
@@ -321,6 +333,24 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         sections.append(("Per prompt", "Too many prompts to show here; see per_prompt.csv.", None))
     report.write_html(out / "report.html", report.titled("Human ratings analysis", note_suffix), facts, title, paper, note, sections, figures)
     return out
+
+
+def run_analyze(config: AnalyzeConfig) -> tuple[Path, Path]:
+    """`fangzhi analyze`: a pairwise votes file (detected by its columns) gets the preference analysis, anything
+    else the score analysis. Returns the output folder and its headline Markdown table."""
+    if config.ratings is not None and is_pairwise_file(file_columns(config.ratings)):
+        misplaced = [flag for key, flag in SCORE_ONLY_FLAGS.items() if key in config.model_fields_set]
+        if misplaced:
+            flags = ", ".join(misplaced)
+            raise FangzhiError(f"{config.ratings} is a pairwise votes file; {flags} apply only to a wide ratings file")
+        n_boot = config.bootstrap if "bootstrap" in config.model_fields_set else PAIRWISE_BOOTSTRAP
+        analyze_pairwise(
+            config.ratings, config.out, reference_arm=config.baseline_arm, n_boot=n_boot, seed=config.seed,
+            drop_bad_rows=config.drop_bad_rows, title_note=config.title_note,
+        )
+        return config.out, config.out / "pairwise_table.md"
+    out = analyze(config)
+    return out, out / "table2.md"
 
 
 def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
