@@ -201,7 +201,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     main = main_ratings(all_ratings)
     if main.empty:
         raise FangzhiError(f"{source}: no 'main' ratings to analyse")
-    arms = table.arm_order(main, config.baseline_arm)
+    arms = table.arm_order(main, config.baseline_arm, config.arm_order)
     note_suffix = config.title_note
 
     summary = table.summary_table(main, config.sd_over, arms)
@@ -209,6 +209,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     title = table.table_title(note_suffix)
     note = table.table_note(summary, config.sd_over)
     comparisons = paired_comparisons(main, arms, config, source)
+    friedman = stats.friedman_tests(main, arms) if len(arms) > 2 else None
     mixed_rows = mixed.mixed_table(main, config.baseline_arm, arms, list(DIMENSION_KEYS)) if config.mixed_model else None
     reliability_rows = reliability.reliability_table(main)
     retest = reliability.retest_agreement(all_ratings)
@@ -254,6 +255,8 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     (out / "table2.tex").write_text(table.to_latex(paper, title, note), encoding="utf-8")
     table.to_csv_frame(summary, arms).to_csv(out / "table2.csv", index=False, float_format="%.2f")
     comparisons.to_csv(out / "comparisons.csv", index=False)
+    if friedman is not None:
+        friedman.to_csv(out / "friedman.csv", index=False)
     reliability_rows.to_csv(out / "reliability.csv", index=False)
     if mixed_rows is not None:
         mixed_rows.to_csv(out / "mixed_model.csv", index=False)
@@ -273,6 +276,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             "summary": summary,
             "comparisons": comparisons,
             "test_note": stats.WILCOXON_NOTE,
+            **({"friedman": friedman, "friedman_note": stats.FRIEDMAN_NOTE} if friedman is not None else {}),
             "mixed_model": mixed_rows,
             "mixed_model_formula": mixed.FORMULA if mixed_rows is not None else None,
             "mixed_model_note": mixed.APPROXIMATION_NOTE if mixed_rows is not None else None,
@@ -296,14 +300,27 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     if not flagged.empty:
         where = ", ".join(f"{row.dimension} ({row.scope})" for row in flagged.itertuples())
         facts.append(f"Low agreement within an arm (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {where}.")
+    if friedman is not None:
+        row = friedman.loc[friedman["primary"] & (friedman["score"] == "comprehensive")].iloc[0]
+        facts.append(
+            f"Friedman test across the {len(arms)} arms (comprehensive score, unit: prompts, n = {row.n_units}): "
+            f"chi² = {row.chi2:.3g} on {row.df} df, p = {row.p:.3g}, Kendall's W = {row.kendall_w:.3f}."
+        )
     primary = comparisons.loc[comparisons["primary"]]
     for row in primary.loc[primary["score"] == "comprehensive"].itertuples():
         facts.append(
             f"Primary test ({row.arm} − {row.baseline}, comprehensive score, unit: prompts, n = {row.n_pairs}): "
             f"mean difference {row.mean_diff:+.3f} (95% CI {row.ci95_low:+.3f} to {row.ci95_high:+.3f}), Wilcoxon p = {row.wilcoxon_p:.3g}, paired t p = {row.t_p:.3g}."
         )
-    sections = [
-        ("Paired comparisons: primary (unit: prompts)", f"Unit: {stats.UNIT_NOTES['prompts']}. {stats.WILCOXON_NOTE}", primary),
+    pairs_note = (
+        f"Pairs (`arm` − `baseline`): every arm against {arms[0]}, then each arm against the next in the arm order {', '.join(arms)}. "
+        if len(arms) > 2 else ""
+    )
+    sections = [] if friedman is None else [
+        ("Friedman test across arms (unit: prompts, primary; images, secondary)", stats.FRIEDMAN_NOTE, friedman),
+    ]
+    sections += [
+        ("Paired comparisons: primary (unit: prompts)", f"Unit: {stats.UNIT_NOTES['prompts']}. {pairs_note}{stats.WILCOXON_NOTE}", primary),
         (
             "Paired comparisons: secondary (units: images, ratings)",
             f"Units: {stats.UNIT_NOTES['images']}; {stats.UNIT_NOTES['ratings']}. Descriptive; the headline is the primary table.",
