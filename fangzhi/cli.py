@@ -490,7 +490,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fangzhi.config import load_config
     from fangzhi.demo import DemoConfig, run_demo
 
-    run_demo(load_config(DemoConfig, args.config, {"out": args.out}), simulate_ratings=args.simulate_ratings, fresh=args.fresh)
+    run_demo(load_config(DemoConfig, args.config, {"out": args.out}), simulate_ratings=args.simulate_ratings, fresh=args.fresh, mode=args.mode)
     return 0
 
 
@@ -506,6 +506,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="study config (sections train/generate/clip/study, top-level base/out)")
     p.add_argument("--out", help="output folder (default results/demo)")
     p.add_argument("--simulate-ratings", action="store_true", help="fill the study with SIMULATED ratings so the analysis can be seen (labelled simulated everywhere)")
+    p.add_argument("--mode", choices=["absolute", "pairwise"], default="absolute",
+                   help="with --simulate-ratings: absolute (1–5 scores, default) or pairwise (side-by-side votes, Bradley–Terry)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder and start over")
     p.set_defaults(func=_cmd_demo)
 
