@@ -603,6 +603,7 @@ def test_cli_three_arm_study_table_order_friedman_and_errors(tmp_path, small_csv
     assert "arm order lora@1,lora@2: not in the ratings: lora@2; missing: lora@0.5" in capsys.readouterr().err
     assert cli_main([*args, "--reference-arm", "lora@1"]) == 0
     assert "| Dimension | lora@1 | base | lora@0.5 |" in capsys.readouterr().out
+    assert AnalyzeConfig(out=out, reference_arm="lora@1").baseline_arm == "lora@1"  # the config file's key
 
     two_arm = tmp_path / "two"
     assert cli_main(["analyze", "--ratings", str(small_csv), "--out", str(two_arm), "--bootstrap", "200"]) == 0
