@@ -89,6 +89,21 @@ def _arm_alias(text: str) -> tuple[str, str]:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from fangzhi.config import load_config
 
+    if args.mode == "power" and args.power_mode == "pairwise":
+        from fangzhi.evaluate.pairwise_power import PairwisePowerConfig, run_pairwise_power
+
+        _reject_flags(args, ABSOLUTE_POWER_FLAGS, "not used with analyze power --mode pairwise")
+        config = load_config(
+            PairwisePowerConfig,
+            args.config,
+            {
+                "win_rate": args.win_rate, "power": args.power, "alpha": args.alpha, "raters": args.raters, "comparisons": args.comparisons,
+                "tie_share": args.tie_share, "comparison_sd": args.comparison_sd, "sims": args.sims, "seed": args.seed, "out": args.out,
+            },
+        )
+        print(run_pairwise_power(config)[2])
+        return 0
+    _reject_flags(args, PAIRWISE_POWER_FLAGS, "only used with analyze power --mode pairwise")
     if args.mode == "power":
         from fangzhi.evaluate.analyze import PowerConfig, run_power
 
@@ -104,8 +119,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         )
         print(run_power(config)[2])
         return 0
+    if args.power_mode is not None:
+        raise FangzhiError("--mode applies to 'analyze power'; the analysis itself recognises a pairwise votes file by its columns")
 
-    from fangzhi.evaluate.analyze import AnalyzeConfig, analyze
+    from fangzhi.evaluate.analyze import AnalyzeConfig, run_analyze
 
     if not args.out and not args.config:
         raise FangzhiError("analyze: --out DIR is required (the folder for tables, plots and report, e.g. results/NAME)")
@@ -118,18 +135,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             "exclude_failed_attention": args.exclude_failed_attention, "clip": args.clip, "baseline_arm": args.baseline_arm,
             "bootstrap": args.bootstrap, "seed": args.seed, "title_note": args.title_note,
             "arm_alias": dict(args.arm_alias) if args.arm_alias else None, "mixed_model": False if args.no_mixed_model else None,
+            "arm_order": args.arm_order,
         },
     )
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        out = analyze(config)
+        out, headline = run_analyze(config)
     for warning in caught:  # e.g. the list of dropped bad rows: shown as plain text, not as a Python warning
         print(f"warning: {warning.message}", file=sys.stderr)
-    print((out / "table2.md").read_text(encoding="utf-8"))
+    print(headline.read_text(encoding="utf-8"))
     print(f"wrote {out}")
     return 0
+
+
+def _reject_flags(args: argparse.Namespace, flags: dict[str, str], reason: str) -> None:
+    given = [flag for name, flag in flags.items() if getattr(args, name) is not None]
+    if given:
+        raise FangzhiError(f"{', '.join(given)}: {reason}")
 
 
 POWER_COMPONENT_FLAGS: dict[str, str] = {
@@ -144,9 +168,18 @@ POWER_COMPONENT_FLAGS: dict[str, str] = {
 }
 
 
+ABSOLUTE_POWER_FLAGS: dict[str, str] = {
+    "from_ratings": "--from-ratings", "db": "--db", "diff": "--diff", "prompts": "--prompts", "seeds_per_prompt": "--seeds-per-prompt",
+    "baseline_arm": "--reference-arm", **{name: f"--{name.replace('_', '-')}" for name in POWER_COMPONENT_FLAGS},
+}
+PAIRWISE_POWER_FLAGS: dict[str, str] = {
+    "win_rate": "--win-rate", "comparisons": "--comparisons", "tie_share": "--tie-share", "comparison_sd": "--comparison-sd",
+}
+
+
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="human ratings: Table 2 (mean ± SD), paired tests, reliability, report; or 'analyze power' to plan a study")
-    p.add_argument("mode", nargs="?", choices=["power"], help="power: how many raters × prompts a study needs (simulation)")
+    p.add_argument("mode", nargs="?", choices=["power"], help="power: how many raters × prompts (or pairwise comparisons) a study needs (simulation)")
     p.add_argument("--config", help="YAML/TOML file with the same keys as the flags (flags win)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--db", help="rating study DuckDB written by the rating app")
@@ -157,13 +190,18 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-revoked", action="store_true", help="with --db: keep the ratings of raters whose access was revoked (left out by default)")
     p.add_argument("--exclude-failed-attention", type=int, metavar="N", help="leave out raters with N or more failed attention checks (default: keep everyone)")
     p.add_argument("--clip", help="clip_scores.csv from the CLIP scorer, for CLIP vs human correlations and scatter")
-    p.add_argument("--baseline-arm", help="arm the others are compared against (default base)")
+    p.add_argument("--reference-arm", "--baseline-arm", dest="baseline_arm",
+                   help="arm the others are compared against; in a pairwise analysis the arm fixed at Elo 1000 (default base)")
+    p.add_argument("--arm-order", type=_comma_list(str, "base,lora@0.5,lora@1"),
+                   help="order of the arms in the tables and for the adjacent-arm tests, e.g. base,lora@0.5,lora@1 (default: reference arm, then alphabetical)")
     p.add_argument("--arm-alias", action="append", type=_arm_alias, metavar="FROM=TO", help="read arm FROM as arm TO, e.g. LoRA=lora (repeatable)")
     p.add_argument("--no-mixed-model", action="store_true", help="skip the crossed mixed model (the prompt-level tests stay)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% CI of the mean difference (default 10000)")
     p.add_argument("--seed", type=int, help="random seed for the bootstrap / simulation (default 0)")
     p.add_argument("--title-note", help="added to every title, e.g. 'simulated'")
     power = p.add_argument_group("power (with 'analyze power')")
+    power.add_argument("--mode", dest="power_mode", choices=["absolute", "pairwise"],
+                       help="absolute: 1–5 scores, Wilcoxon on prompts (default); pairwise: side-by-side votes, sign test")
     power.add_argument("--from-ratings", help="estimate the SDs below from this wide ratings file (or from --db) with the crossed mixed model")
     power.add_argument("--diff", type=float, help="mean score difference to detect (default 0.3)")
     power.add_argument("--power", type=float, help="target power (default 0.8)")
@@ -174,6 +212,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     power.add_argument("--sims", type=int, help="simulated studies per design (default 500)")
     for name, text in POWER_COMPONENT_FLAGS.items():
         power.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"without --from-ratings/--db: {text}")
+    power.add_argument("--win-rate", type=float, help="--mode pairwise: win rate to detect, ties as half (default 0.6)")
+    power.add_argument("--comparisons", type=_int_list, help="--mode pairwise: comparisons (prompt × seed units) of the arm pair to try, e.g. 20,40,80")
+    power.add_argument("--tie-share", type=float, help="--mode pairwise: share of votes that are ties (default 0.2)")
+    power.add_argument("--comparison-sd", type=float, help="--mode pairwise: SD of the per-comparison logit shift (default 0)")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -458,7 +500,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fangzhi.config import load_config
     from fangzhi.demo import DemoConfig, run_demo
 
-    run_demo(load_config(DemoConfig, args.config, {"out": args.out}), simulate_ratings=args.simulate_ratings, fresh=args.fresh)
+    run_demo(load_config(DemoConfig, args.config, {"out": args.out}), simulate_ratings=args.simulate_ratings, fresh=args.fresh, mode=args.mode)
     return 0
 
 
@@ -474,6 +516,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="study config (sections train/generate/clip/study, top-level base/out)")
     p.add_argument("--out", help="output folder (default results/demo)")
     p.add_argument("--simulate-ratings", action="store_true", help="fill the study with SIMULATED ratings so the analysis can be seen (labelled simulated everywhere)")
+    p.add_argument("--mode", choices=["absolute", "pairwise"], default="absolute",
+                   help="with --simulate-ratings: absolute (1–5 scores, default) or pairwise (side-by-side votes, Bradley–Terry)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder and start over")
     p.set_defaults(func=_cmd_demo)
 

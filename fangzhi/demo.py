@@ -121,8 +121,18 @@ def check_prerequisites(cfg: DemoConfig) -> None:
             raise FangzhiError(problem)
 
 
-def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = False) -> Path:
-    """Run every stage of the study; returns the output folder."""
+def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = False, mode: str = "absolute") -> Path:
+    """Run every stage of the study; returns the output folder.
+
+    `mode` 'pairwise' (with `simulate_ratings`) analyses SIMULATED side-by-side votes on the generated
+    images instead of simulated 1–5 scores.
+    """
+    if mode not in ("absolute", "pairwise"):
+        raise FangzhiError(f"demo mode {mode!r}: choose absolute or pairwise")
+    if mode == "pairwise" and not simulate_ratings:
+        raise FangzhiError(
+            "demo --mode pairwise needs --simulate-ratings: fangzhi has no side-by-side rating page yet, so the demo can only analyse simulated votes"
+        )
     check_prerequisites(cfg)
     out = Path(cfg.out)
     if fresh and out.exists():
@@ -178,14 +188,24 @@ def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = Fals
         fill_study_with_simulated_ratings(study_db)
         analyze(AnalyzeConfig(db=study_db, out=out / "analysis", clip=clip_csv, title_note="simulated"))
 
+    def simulate_and_analyze_votes() -> None:
+        from fangzhi.evaluate.pairwise import analyze_pairwise
+
+        votes = out / "pairwise" / "simulated_votes.csv"
+        votes.parent.mkdir(parents=True, exist_ok=True)
+        simulated_pairwise_votes(manifest, cfg.study.raters).to_csv(votes, index=False)
+        analyze_pairwise(votes, out / "pairwise_analysis", title_note="simulated")
+
     stages.run("base", [cfg.base, cfg.build_tiny_base], build_base)
     stages.run("train", cfg.train.model_dump(mode="json"), train_lora)
     stages.run("generate", cfg.generate.model_dump(mode="json"), generate_images)
     stages.run("clip", cfg.clip.model_dump(mode="json"), score_clip)
     stages.run("study", cfg.study.model_dump(mode="json"), create_rating_study)
-    if simulate_ratings:
+    if simulate_ratings and mode == "pairwise":
+        stages.run("simulated pairwise votes + analysis", "simulated pairwise", simulate_and_analyze_votes)
+    elif simulate_ratings:
         stages.run("simulated ratings + analysis", "simulated", simulate_and_analyze)
-    stages.run("report", simulate_ratings, lambda: write_demo_report(out, simulate_ratings))
+    stages.run("report", [simulate_ratings, mode], lambda: write_demo_report(out, simulate_ratings, mode))
     print_next_steps(out, study_db)
     return out
 
@@ -216,7 +236,26 @@ def fill_study_with_simulated_ratings(db: Path, effect: float = 0.5, seed: int =
     return add_ratings(db, rows)
 
 
-def write_demo_report(out: Path, simulated: bool) -> Path:
+def simulated_pairwise_votes(manifest: Path, raters: list[str], seed: int = 0):
+    """SIMULATED side-by-side votes: every rater judges every arm pair of every (prompt, seed) of the manifest
+    on every dimension, sides random, each LoRA arm 60 Elo above the one before (base first), 20% ties and
+    10% swapped-side repeats."""
+    from fangzhi.evaluate.pairwise_power import simulate_pairwise_votes
+    from fangzhi.generate.manifest import read_manifest
+
+    records = read_manifest(manifest)
+    arms = sorted({str(r["arm"]) for r in records}, key=lambda arm: (arm != "base", arm))
+    units = {(str(r["prompt_id"]), int(r["seed"])) for r in records}
+    votes = simulate_pairwise_votes(
+        len(raters), sorted({p for p, _ in units}), sorted({s for _, s in units}), arms,
+        elo={arm: 1000.0 + 60.0 * i for i, arm in enumerate(arms)}, repeat_share=0.1, seed=seed,
+    )
+    votes["rater"] = votes["rater"].map({f"r{i:02d}": name for i, name in enumerate(raters)})
+    in_manifest = [(p, s) in units for p, s in zip(votes["prompt"], votes["seed"])]  # prompts may have different seeds
+    return votes.loc[in_manifest].reset_index(drop=True)
+
+
+def write_demo_report(out: Path, simulated: bool, mode: str = "absolute") -> Path:
     """results/demo/report.md: what each stage produced, with links to the pictures and tables."""
     clip_table = (out / "clip" / "clip_table.md").read_text(encoding="utf-8") if (out / "clip" / "clip_table.md").exists() else "(not computed)"
     sheets = sorted((out / "images" / "contact_sheets").glob("*.png"))
@@ -239,7 +278,13 @@ def write_demo_report(out: Path, simulated: bool) -> Path:
         "",
         "Invitation links: `rater_links.csv` (keep it private).",
     ]
-    if simulated:
+    if simulated and mode == "pairwise":
+        table = (out / "pairwise_analysis" / "pairwise_table.md").read_text(encoding="utf-8")
+        lines += [
+            "", "## Pairwise preference analysis (SIMULATED side-by-side votes, not real judgements)", "",
+            "Votes: `pairwise/simulated_votes.csv`.", "", table, "", "See [pairwise_analysis/pairwise_report.html](pairwise_analysis/pairwise_report.html).",
+        ]
+    elif simulated:
         lines += ["", "## Human-rating analysis (SIMULATED ratings, not real judgements)", "", "See [analysis/report.html](analysis/report.html)."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")

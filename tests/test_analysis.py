@@ -19,7 +19,16 @@ from fangzhi.evaluate.analyze import AnalyzeConfig, PowerConfig, analyze, run_po
 from fangzhi.evaluate.power import VarianceComponents, simulate_ratings, simulated_power
 from fangzhi.evaluate.ratings import read_ratings_file
 from fangzhi.evaluate.reliability import icc2, krippendorff_alpha, reliability_table
-from fangzhi.evaluate.stats import bootstrap_mean_ci, compare_pair, holm, signed_rank_test
+from fangzhi.evaluate.stats import (
+    arm_pairs,
+    bootstrap_mean_ci,
+    compare_arms,
+    compare_pair,
+    friedman_test,
+    friedman_tests,
+    holm,
+    signed_rank_test,
+)
 from fangzhi.evaluate.table import arm_order, half_up, paper_table, summary_table, to_csv_frame
 
 HEADER = "rater,arm,prompt,seed,style,match,detail,beauty"
@@ -509,3 +518,94 @@ def test_plots_warn_once_naming_the_package_without_a_cjk_font(tmp_path, monkeyp
     messages = [str(w.message) for w in recwarn]
     assert sum("apt install fonts-noto-cjk" in m for m in messages) == 1
     assert not [m for m in messages if "missing from font" in m]
+
+
+# --- More than two arms --------------------------------------------------------------------------
+
+
+def test_friedman_test_equals_scipy_with_ties():
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(1, 6, (15, 4)).astype(float)  # integer scores: many ties within a block
+    blocks[0] = 3.0  # one block tied throughout
+    result = friedman_test(blocks)
+    expected = sps.friedmanchisquare(*blocks.T)
+    assert result["chi2"] == pytest.approx(expected.statistic) and result["p"] == pytest.approx(expected.pvalue)
+    assert result["df"] == 3 and result["kendall_w"] == pytest.approx(expected.statistic / (15 * 3))
+    assert math.isnan(friedman_test(np.full((6, 3), 2.0))["p"])  # every block tied: no test
+
+
+def test_friedman_per_dimension_over_prompts_and_images_equals_scipy():
+    arms = ["base", "lora@0.5", "lora@1"]
+    ratings = simulate_ratings(3, 8, 2, arms=arms, effect=0.4, seed=6)
+    ratings = ratings.loc[~((ratings["arm"] == "lora@1") & (ratings["prompt"] == "p007"))]  # one prompt lacks an arm
+    result = friedman_tests(ratings, arms).set_index(["unit", "score"])
+    images = ratings.groupby(["arm", "prompt", "seed"])[["style", "match", "detail", "beauty"]].mean()
+    for unit, keys in (("prompts", ["prompt"]), ("images", ["prompt", "seed"])):
+        means = images.groupby(["arm", *keys]).mean()
+        means["comprehensive"] = means.mean(axis=1)
+        ps = []
+        for score in ["style", "match", "detail", "beauty", "comprehensive"]:
+            wide = means[score].unstack("arm")[arms].dropna()
+            # Means such as 10/3 reached in different orders differ in the last bit; both sides treat them as ties.
+            expected = sps.friedmanchisquare(*np.round(wide.to_numpy(), 9).T)
+            row = result.loc[(unit, score)]
+            assert row["chi2"] == pytest.approx(expected.statistic) and row["p"] == pytest.approx(expected.pvalue)
+            assert row["n_units"] == len(wide) == (7 if unit == "prompts" else 14)
+            assert row["n_incomplete"] == (1 if unit == "prompts" else 2)
+            ps.append(expected.pvalue)
+        assert result.loc[unit, "p_holm"].to_numpy() == pytest.approx(holm(np.array(ps)))
+
+
+def test_multi_arm_comparisons_are_against_the_reference_and_between_adjacent_arms():
+    assert arm_pairs(["base", "a", "b", "c"]) == [("base", "a"), ("base", "b"), ("base", "c"), ("a", "b"), ("b", "c")]
+    arms = ["base", "lora@0.5", "lora@1"]
+    ratings = simulate_ratings(3, 10, 2, arms=arms, effect={"style": 0.5, "match": 0.2, "detail": 0.0, "beauty": 0.3}, seed=7)
+    rows = compare_arms(ratings, "base", arms, n_boot=300, seed=1)
+    primary = rows.loc[rows["primary"]]
+    assert list(dict.fromkeys(zip(primary["baseline"], primary["arm"]))) == arm_pairs(arms)
+    # The adjacent pair is the prompt-level paired comparison of the two LoRA arms.
+    prompt_means = ratings.groupby(["arm", "prompt"])[["style", "match", "detail", "beauty"]].mean()
+    adjacent = primary.loc[(primary["baseline"] == "lora@0.5") & (primary["score"] == "style")].iloc[0]
+    low, high = prompt_means.loc["lora@0.5", "style"], prompt_means.loc["lora@1", "style"]
+    expected = compare_pair(low.to_numpy(), high.to_numpy(), n_boot=100, rng=np.random.default_rng(0))  # checked against scipy above
+    assert adjacent["n_pairs"] == 10 and adjacent["wilcoxon_p"] == pytest.approx(expected["wilcoxon_p"])
+    assert adjacent["wilcoxon_W"] == expected["wilcoxon_W"] and adjacent["rank_biserial"] == pytest.approx(expected["rank_biserial"])
+    assert adjacent["mean_diff"] == pytest.approx((high - low).mean())
+    # Holm over every score of every pair within a unit (15 tests at the prompt level).
+    assert primary["wilcoxon_p_holm"].to_numpy() == pytest.approx(holm(primary["wilcoxon_p"].to_numpy()), nan_ok=True)
+    # The first pair's numbers (bootstrap included) are those of a two-arm study of the same arms.
+    two_arm = compare_arms(ratings.loc[ratings["arm"] != "lora@1"], "base", arms[:2], n_boot=300, seed=1)
+    first = rows.loc[rows["arm"] == "lora@0.5"].reset_index(drop=True)
+    columns = ["unit", "score", "mean_diff", "ci95_low", "ci95_high", "wilcoxon_p", "rank_biserial", "cohens_dz"]
+    pd.testing.assert_frame_equal(first[columns], two_arm[columns])
+
+
+def test_cli_three_arm_study_table_order_friedman_and_errors(tmp_path, small_csv, capsys):
+    path = tmp_path / "three.csv"
+    simulate_ratings(3, 8, 2, arms=("base", "lora@0.5", "lora@1"), effect=0.4, seed=8).to_csv(path, index=False)
+    out = tmp_path / "out"
+    args = ["analyze", "--ratings", str(path), "--out", str(out), "--bootstrap", "200", "--no-mixed-model"]
+    assert cli_main([*args, "--arm-order", "lora@1,lora@0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Dimension | base | lora@1 | lora@0.5 |" in printed
+    friedman = pd.read_csv(out / "friedman.csv")
+    assert len(friedman) == 10 and set(friedman["unit"]) == {"prompts", "images"} and (friedman["df"] == 2).all()
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert ("lora@1", "lora@0.5") in set(zip(comparisons["baseline"], comparisons["arm"]))
+    assert ("lora@0.5", "lora@1") not in set(zip(comparisons["baseline"], comparisons["arm"]))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Friedman test across arms (unit: prompts, primary" in html and "Friedman test across the 3 arms" in html
+    assert "friedman" in json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+    assert cli_main([*args, "--reference-arm", "sd15"]) == 2
+    assert "reference arm 'sd15' is not in the ratings; arms found: base, lora@0.5, lora@1 (name the reference arm with --reference-arm)" in capsys.readouterr().err
+    assert cli_main([*args, "--arm-order", "lora@1,lora@2"]) == 2
+    assert "arm order lora@1,lora@2: not in the ratings: lora@2; missing: lora@0.5" in capsys.readouterr().err
+    assert cli_main([*args, "--reference-arm", "lora@1"]) == 0
+    assert "| Dimension | lora@1 | base | lora@0.5 |" in capsys.readouterr().out
+    assert AnalyzeConfig(out=out, reference_arm="lora@1").baseline_arm == "lora@1"  # the config file's key
+
+    two_arm = tmp_path / "two"
+    assert cli_main(["analyze", "--ratings", str(small_csv), "--out", str(two_arm), "--bootstrap", "200"]) == 0
+    assert not (two_arm / "friedman.csv").exists()
+    assert "friedman" not in json.loads((two_arm / "results.json").read_text(encoding="utf-8"))

@@ -114,3 +114,23 @@ def test_stage_commands_read_their_section_of_a_study_config():
     assert train.base == generate.base == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (train.epochs, train.batch_size, train.data.resolution, train.optimizer) == (15, 2, 512, "adamw8bit")
     assert (generate.steps, generate.guidance_scale, generate.width, generate.seeds) == (35, 7.0, 512, [0, 1, 2, 3])
+
+
+def test_pairwise_demo_analyses_simulated_votes_on_the_generated_images(tmp_path: Path, capsys):
+    config = small_config(tmp_path)
+    assert main(["demo", "--config", str(config), "--mode", "pairwise"]) == 2
+    assert "--mode pairwise needs --simulate-ratings" in capsys.readouterr().err
+    assert main(["demo", "--config", str(config), "--mode", "pairwise", "--simulate-ratings"]) == 0
+    out = tmp_path / "demo"
+    manifest = read_jsonl(out / "images" / "manifest.jsonl")
+    votes = (out / "pairwise" / "simulated_votes.csv").read_text().splitlines()
+    assert votes[0] == "rater,prompt,seed,dimension,left,right,choice"
+    units = {(row["prompt_id"], row["seed"]) for row in manifest}
+    first_votes = 2 * len(units) * 1 * 4  # raters x units x arm pairs x dimensions
+    assert len(votes) - 1 == first_votes + round(0.1 * first_votes)
+    assert {(line.split(",")[1], int(line.split(",")[2])) for line in votes[1:]} == units
+    table = (out / "pairwise_analysis" / "pairwise_table.md").read_text()
+    assert "(simulated)" in table and "base = 1000" in table
+    report = (out / "report.md").read_text()
+    assert "SIMULATED side-by-side votes" in report and "1000 (reference)" in report
+    assert not (out / "analysis").exists()

@@ -372,3 +372,56 @@ def test_power_is_near_alpha_at_no_preference_and_grows_with_comparisons(tmp_pat
     assert len(grid) == 6 and (tmp_path / "pairwise_power.csv").is_file()
     assert smallest.set_index("n_raters").loc[5, "n_comparisons"] <= smallest.set_index("n_raters").loc[1, "n_comparisons"]
     assert "5 rater(s):" in text
+
+
+# --- Through the CLI -----------------------------------------------------------------------------
+
+
+def test_cli_analyze_detects_a_votes_file_and_uses_the_reference_arm(tmp_path, capsys):
+    from fangzhi.cli import main
+
+    votes = simulate_pairwise_votes(3, 6, 2, arms=("base", "lora@0.5", "lora@1.0"), elo={"base": 1000, "lora@0.5": 1100, "lora@1.0": 1200}, seed=2)
+    path = tmp_path / "votes.csv"
+    votes.to_csv(path, index=False)
+    assert main(["analyze", "--ratings", str(path), "--out", str(tmp_path / "out"), "--reference-arm", "lora@0.5", "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "Bradley–Terry strengths, Elo scale (lora@0.5 = 1000)" in printed and "200 resamples" in printed
+    table = pd.read_csv(tmp_path / "out" / "pairwise_table.csv")
+    assert list(table.columns) == TABLE_COLUMNS
+    assert (table.loc[table["arm"] == "lora@0.5", "elo"] == 1000).all()
+    expected = analyze_pairwise(votes, None, reference_arm="lora@0.5", n_boot=200, seed=0).strengths
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False)
+    assert not (tmp_path / "out" / "table2.md").exists()
+
+
+def test_cli_analyze_bad_votes_file_gives_the_line_and_exit_code_2(tmp_path, capsys):
+    from fangzhi.cli import main
+
+    path = write_votes(tmp_path / "votes.csv", ["r1,p1,0,style,base,lora,left", "r1,p1,0,match,base,lora,maybe"])
+    assert main(["analyze", "--ratings", str(path), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "line 3: choice is 'maybe'; must be one of left, right, tie" in captured.err
+    assert "Traceback" not in captured.err + captured.out and not (tmp_path / "out").exists()
+
+    good = write_votes(tmp_path / "good.csv", ["r1,p1,0,style,base,lora,left", "r1,p1,1,style,lora,base,tie"])
+    assert main(["analyze", "--ratings", str(good), "--out", str(tmp_path / "out"), "--reference-arm", "sdxl"]) == 2
+    assert "reference arm 'sdxl' is not among the arms in the votes (base, lora); name one with --reference-arm" in capsys.readouterr().err
+    assert main(["analyze", "--ratings", str(good), "--out", str(tmp_path / "out"), "--sd-over", "raters", "--no-mixed-model"]) == 2
+    assert "is a pairwise votes file; --sd-over, --no-mixed-model apply only to a wide ratings file" in capsys.readouterr().err
+
+
+def test_cli_analyze_power_pairwise_writes_the_grid_and_rejects_score_flags(tmp_path, capsys):
+    from fangzhi.cli import main
+
+    args = ["analyze", "power", "--mode", "pairwise", "--win-rate", "0.65", "--raters", "1,3", "--comparisons", "20,160", "--sims", "200"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "detect a win rate of 0.65" in printed
+    grid = pd.read_csv(tmp_path / "pairwise_power.csv")
+    assert sorted(zip(grid["n_raters"], grid["n_comparisons"])) == [(1, 20), (1, 160), (3, 20), (3, 160)]
+    power = grid.set_index(["n_raters", "n_comparisons"])["power"]
+    assert power[(3, 160)] > power[(1, 20)]
+    assert main([*args, "--diff", "0.3"]) == 2
+    assert "--diff: not used with analyze power --mode pairwise" in capsys.readouterr().err
+    assert main(["analyze", "power", "--win-rate", "0.6"]) == 2
+    assert "--win-rate: only used with analyze power --mode pairwise" in capsys.readouterr().err

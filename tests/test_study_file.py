@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 import streamlit as st
@@ -391,3 +392,58 @@ def test_revoked_raters_and_failed_attention_checks_leave_the_analysis_as_asked(
     strict, html = counts("strict", exclude_failed_attention=1)
     assert strict["n_raters"] == 1 and strict["attention_excluded_raters"] == ["cy"] and strict["n_attention_excluded_ratings"] == per_rater
     assert f"1 (cy); {per_rater} ratings removed (--exclude-failed-attention 1)" in html
+
+
+# ---- studies with more than two arms ----------------------------------------------------------
+
+
+def test_a_three_arm_study_orders_every_arm_and_is_analysed_per_arm(tmp_path, capsys):
+    arms = ("base", "lora@0.5", "lora@1.0")
+    manifest = sample.write_sample_manifest(tmp_path / "generation", n_prompts=3, seeds=(11, 12), arms=arms, size=64)
+    records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    unit_of = {r["image_id"]: (r["prompt_id"], r["seed"]) for r in records}
+    raters = tmp_path / "raters.txt"
+    raters.write_text("ann\nbo\ncy\n", encoding="utf-8")
+    db = tmp_path / "study.duckdb"
+    assert cli_main(["study", "create", "--manifest", str(manifest), "--db", str(db), "--raters", str(raters),
+                     "--qc-retest", "2", "--qc-attention", "1", "--seed", "3"]) == 0
+    assignments = store.list_assignments(db)
+    for _rater, own in assignments.groupby("rater"):
+        own = own.sort_values("position")
+        assert sorted(own.loc[own["kind"] == "main", "image_id"]) == sorted(unit_of)  # all 18 images, every arm once
+        units = [unit_of[i] for i in own["image_id"]]
+        assert all(a != b for a, b in zip(units, units[1:])), "two images of one (prompt, seed) back to back"
+        assert len(own) == 18 + 2 + 1
+    with studydb.connect(db) as con:
+        assert sorted(a for (a,) in con.execute("SELECT DISTINCT arm FROM images").fetchall()) == sorted(arms)
+
+    # Rated through the app's save path, the analysis has one Table 2 column per arm and the Friedman test.
+    rng = np.random.default_rng(0)
+    rows = []
+    for item in assignments.itertuples():
+        scores = {d: int(rng.integers(1, 6)) for d in DIMENSION_KEYS}
+        if item.kind == "attention":
+            scores = dict.fromkeys(DIMENSION_KEYS, int(item.expected))
+        rows.append({"rater": item.rater, "position": item.position, **scores})
+    store.add_ratings(db, rows)
+    capsys.readouterr()
+    assert cli_main(["analyze", "--db", str(db), "--out", str(tmp_path / "out"), "--bootstrap", "200", "--no-mixed-model",
+                     "--arm-order", "lora@0.5,lora@1.0"]) == 0
+    assert "| Dimension | base | lora@0.5 | lora@1.0 |" in capsys.readouterr().out
+    friedman = pd.read_csv(tmp_path / "out" / "friedman.csv")
+    assert (friedman.loc[friedman["unit"] == "prompts", "n_units"] == 3).all()
+    assert (friedman.loc[friedman["unit"] == "images", "n_units"] == 6).all()
+
+
+def test_a_manifest_with_a_unit_missing_an_arm_is_refused_naming_it(tmp_path, capsys):
+    manifest = sample.write_sample_manifest(tmp_path / "generation", n_prompts=2, seeds=(5,), arms=("base", "a", "b"), size=64)
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    dropped = next(line for line in lines if json.loads(line)["arm"] == "b" and json.loads(line)["prompt_id"] == "p001")
+    manifest.write_text("\n".join(line for line in lines if line != dropped) + "\n", encoding="utf-8")
+    raters = tmp_path / "raters.txt"
+    raters.write_text("ann\n", encoding="utf-8")
+    db = tmp_path / "study.duckdb"
+    assert cli_main(["study", "create", "--manifest", str(manifest), "--db", str(db), "--raters", str(raters)]) == 2
+    err = capsys.readouterr().err
+    assert "every (prompt, seed) needs one image in each arm (a, b, base); prompt 'p001' seed 5: no b" in err
+    assert "Traceback" not in err and not db.exists()

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
 from fangzhi.evaluate import power as power_mod
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.evaluate import mixed, reliability, report, stats, table
+from fangzhi.evaluate.pairwise import analyze_pairwise
+from fangzhi.evaluate.pairwise_votes import file_columns, is_pairwise_file
 from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
 from fangzhi.studydb import attention_failures, raters_failing_attention, read_study
 
@@ -35,7 +37,9 @@ class AnalyzeConfig(StrictModel):
     include_revoked: bool = False  # with db: keep the ratings of raters whose access was revoked
     exclude_failed_attention: int | None = Field(None, ge=1)  # drop raters with at least this many failed attention checks
     clip: Path | None = None  # optional clip_scores.csv for the CLIP vs human part
-    baseline_arm: str = "base"
+    # The arm the others are compared against; also the pairwise analysis' arm fixed at Elo 1000.
+    baseline_arm: str = Field("base", validation_alias=AliasChoices("baseline_arm", "reference_arm"))
+    arm_order: list[str] | None = None  # table columns and adjacent-arm tests; default: baseline, then alphabetical
     arm_alias: dict[str, str] = {}  # arm spellings to rename while reading, e.g. {"LoRA": "lora"}
     bootstrap: int = Field(10_000, ge=100)
     seed: int = 0
@@ -47,6 +51,14 @@ class AnalyzeConfig(StrictModel):
         if self.db is not None and self.ratings is not None:
             raise ValueError("give either db or ratings, not both")
         return self
+
+
+# Options of the score analysis that mean nothing for preference votes: set with a votes file, an error.
+SCORE_ONLY_FLAGS: dict[str, str] = {
+    "sd_over": "--sd-over", "include_revoked": "--include-revoked", "exclude_failed_attention": "--exclude-failed-attention",
+    "clip": "--clip", "arm_alias": "--arm-alias", "arm_order": "--arm-order", "mixed_model": "--no-mixed-model",
+}
+PAIRWISE_BOOTSTRAP = 2000  # default resamples of the pairwise unit bootstrap (each one is a Bradley–Terry fit)
 
 
 class PowerConfig(StrictModel):
@@ -189,7 +201,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     main = main_ratings(all_ratings)
     if main.empty:
         raise FangzhiError(f"{source}: no 'main' ratings to analyse")
-    arms = table.arm_order(main, config.baseline_arm)
+    arms = table.arm_order(main, config.baseline_arm, config.arm_order)
     note_suffix = config.title_note
 
     summary = table.summary_table(main, config.sd_over, arms)
@@ -197,6 +209,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     title = table.table_title(note_suffix)
     note = table.table_note(summary, config.sd_over)
     comparisons = paired_comparisons(main, arms, config, source)
+    friedman = stats.friedman_tests(main, arms) if len(arms) > 2 else None
     mixed_rows = mixed.mixed_table(main, config.baseline_arm, arms, list(DIMENSION_KEYS)) if config.mixed_model else None
     reliability_rows = reliability.reliability_table(main)
     retest = reliability.retest_agreement(all_ratings)
@@ -242,6 +255,8 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     (out / "table2.tex").write_text(table.to_latex(paper, title, note), encoding="utf-8")
     table.to_csv_frame(summary, arms).to_csv(out / "table2.csv", index=False, float_format="%.2f")
     comparisons.to_csv(out / "comparisons.csv", index=False)
+    if friedman is not None:
+        friedman.to_csv(out / "friedman.csv", index=False)
     reliability_rows.to_csv(out / "reliability.csv", index=False)
     if mixed_rows is not None:
         mixed_rows.to_csv(out / "mixed_model.csv", index=False)
@@ -261,6 +276,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             "summary": summary,
             "comparisons": comparisons,
             "test_note": stats.WILCOXON_NOTE,
+            **({"friedman": friedman, "friedman_note": stats.FRIEDMAN_NOTE} if friedman is not None else {}),
             "mixed_model": mixed_rows,
             "mixed_model_formula": mixed.FORMULA if mixed_rows is not None else None,
             "mixed_model_note": mixed.APPROXIMATION_NOTE if mixed_rows is not None else None,
@@ -284,14 +300,27 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     if not flagged.empty:
         where = ", ".join(f"{row.dimension} ({row.scope})" for row in flagged.itertuples())
         facts.append(f"Low agreement within an arm (Krippendorff's alpha < {reliability.ALPHA_FLAG_BELOW}) on: {where}.")
+    if friedman is not None:
+        row = friedman.loc[friedman["primary"] & (friedman["score"] == "comprehensive")].iloc[0]
+        facts.append(
+            f"Friedman test across the {len(arms)} arms (comprehensive score, unit: prompts, n = {row.n_units}): "
+            f"chi² = {row.chi2:.3g} on {row.df} df, p = {row.p:.3g}, Kendall's W = {row.kendall_w:.3f}."
+        )
     primary = comparisons.loc[comparisons["primary"]]
     for row in primary.loc[primary["score"] == "comprehensive"].itertuples():
         facts.append(
             f"Primary test ({row.arm} − {row.baseline}, comprehensive score, unit: prompts, n = {row.n_pairs}): "
             f"mean difference {row.mean_diff:+.3f} (95% CI {row.ci95_low:+.3f} to {row.ci95_high:+.3f}), Wilcoxon p = {row.wilcoxon_p:.3g}, paired t p = {row.t_p:.3g}."
         )
-    sections = [
-        ("Paired comparisons: primary (unit: prompts)", f"Unit: {stats.UNIT_NOTES['prompts']}. {stats.WILCOXON_NOTE}", primary),
+    pairs_note = (
+        f"Pairs (`arm` − `baseline`): every arm against {arms[0]}, then each arm against the next in the arm order {', '.join(arms)}. "
+        if len(arms) > 2 else ""
+    )
+    sections = [] if friedman is None else [
+        ("Friedman test across arms (unit: prompts, primary; images, secondary)", stats.FRIEDMAN_NOTE, friedman),
+    ]
+    sections += [
+        ("Paired comparisons: primary (unit: prompts)", f"Unit: {stats.UNIT_NOTES['prompts']}. {pairs_note}{stats.WILCOXON_NOTE}", primary),
         (
             "Paired comparisons: secondary (units: images, ratings)",
             f"Units: {stats.UNIT_NOTES['images']}; {stats.UNIT_NOTES['ratings']}. Descriptive; the headline is the primary table.",
@@ -321,6 +350,24 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         sections.append(("Per prompt", "Too many prompts to show here; see per_prompt.csv.", None))
     report.write_html(out / "report.html", report.titled("Human ratings analysis", note_suffix), facts, title, paper, note, sections, figures)
     return out
+
+
+def run_analyze(config: AnalyzeConfig) -> tuple[Path, Path]:
+    """`fangzhi analyze`: a pairwise votes file (detected by its columns) gets the preference analysis, anything
+    else the score analysis. Returns the output folder and its headline Markdown table."""
+    if config.ratings is not None and is_pairwise_file(file_columns(config.ratings)):
+        misplaced = [flag for key, flag in SCORE_ONLY_FLAGS.items() if key in config.model_fields_set]
+        if misplaced:
+            flags = ", ".join(misplaced)
+            raise FangzhiError(f"{config.ratings} is a pairwise votes file; {flags} apply only to a wide ratings file")
+        n_boot = config.bootstrap if "bootstrap" in config.model_fields_set else PAIRWISE_BOOTSTRAP
+        analyze_pairwise(
+            config.ratings, config.out, reference_arm=config.baseline_arm, n_boot=n_boot, seed=config.seed,
+            drop_bad_rows=config.drop_bad_rows, title_note=config.title_note,
+        )
+        return config.out, config.out / "pairwise_table.md"
+    out = analyze(config)
+    return out, out / "table2.md"
 
 
 def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:

@@ -12,7 +12,9 @@ test therefore pairs prompts:
 - ratings (secondary): one rater's two scores of a (prompt, seed) pair. Also ignores that a rater's
   ratings belong together; a descriptive reading only.
 
-Differences are always `other − baseline`, so a positive difference favours the LoRA arm.
+Differences are always `other − baseline`, so a positive difference favours the LoRA arm. With more than
+two arms every arm is compared with the reference arm, and each arm with the next one in the arm order
+(`arm_pairs`); a Friedman test across all arms (`friedman_tests`) uses the same units.
 The crossed mixed model (`fangzhi.evaluate.mixed`) models raters and prompts together.
 """
 
@@ -33,6 +35,13 @@ Unit = Literal["prompts", "images", "ratings"]
 PRIMARY_UNIT: Unit = "prompts"
 UNITS: tuple[Unit, ...] = ("prompts", "images", "ratings")
 PAIR_KEYS: dict[str, list[str]] = {"prompts": ["prompt"], "images": ["prompt", "seed"], "ratings": ["rater", "prompt", "seed"]}
+FRIEDMAN_NOTE = (
+    "Friedman test across all arms, per score: within each unit the arms' scores are ranked (ties averaged), chi-square "
+    "with the tie correction on k − 1 degrees of freedom; only units scored in every arm count. Effect size: Kendall's W. "
+    "Holm correction across the four dimensions and the comprehensive score within each unit. Unit prompts (primary): "
+    "seeds and raters averaged within prompt and arm; unit images (secondary): raters averaged per (prompt, seed), "
+    "which treats the seeds of a prompt as independent."
+)
 UNIT_NOTES: dict[str, str] = {
     "prompts": "prompts (primary): one pair per prompt, seeds and raters averaged within prompt and arm",
     "images": "images (secondary): one pair per (prompt, seed), raters averaged; the seeds of a prompt are not independent",
@@ -53,7 +62,7 @@ WILCOXON_NOTE = (
     "non-zero pairs, otherwise the tie-corrected normal approximation without continuity correction. "
     "Effect size: matched-pairs rank-biserial correlation (Kerby 2014). Also the paired t-test with Cohen's dz = mean(d) / SD(d). "
     "95% CI of the mean difference: percentile bootstrap resampling the unit (prompts in the primary rows). "
-    "Holm correction across the four dimensions and the comprehensive score, within each arm comparison and unit. "
+    "Holm correction across the four dimensions and the comprehensive score of every arm pair compared, within each unit. "
     "Rows with unit images or ratings are secondary: they treat seeds (and raters) as independent and overstate the evidence "
     "when prompts or raters differ in their LoRA effect."
 )
@@ -225,6 +234,14 @@ def holm(pvalues: np.ndarray) -> np.ndarray:
     return adjusted
 
 
+def arm_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """(baseline, other) pairs compared: every arm against the first (the reference arm), then each arm
+    after the first against the next one in `arms` (adjacent arms, e.g. LoRA scales in increasing order)."""
+    against_reference = [(arms[0], other) for other in arms[1:]]
+    adjacent = [(arms[i], arms[i + 1]) for i in range(1, len(arms) - 1)]
+    return against_reference + adjacent
+
+
 def compare_arms(
     ratings: pd.DataFrame,
     baseline_arm: str,
@@ -232,30 +249,66 @@ def compare_arms(
     n_boot: int = 10_000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per (other arm, unit, score) with the paired statistics and Holm-adjusted p-values.
+    """One row per (arm pair, unit, score) with the paired statistics and Holm-adjusted p-values.
 
-    `primary` is true on the prompt-level rows: exactly one row per (other arm, score).
+    The pairs are `arm_pairs` of `arms` with `baseline_arm` first; `baseline` names the pair's first arm.
+    `primary` is true on the prompt-level rows: exactly one row per (arm pair, score). The Holm family
+    is every score of every arm pair within a unit (with two arms: the five scores of the one pair).
     """
     rng = np.random.default_rng(seed)
     images = image_means(ratings)
+    ordered = [baseline_arm, *(arm for arm in arms if arm != baseline_arm)]
     rows = []
-    for other_arm in arms:
-        if other_arm == baseline_arm:
-            continue
+    for first_arm, other_arm in arm_pairs(ordered):
         for unit in UNITS:
-            pairs, unpaired = paired_scores(ratings, baseline_arm, other_arm, unit, images)
+            pairs, unpaired = paired_scores(ratings, first_arm, other_arm, unit, images)
             if len(pairs) == 0:
                 continue
-            block = []
             for score in SCORE_ROWS:
                 result = compare_pair(pairs[f"{score}_base"].to_numpy(), pairs[f"{score}_other"].to_numpy(), n_boot, rng)
-                block.append(
-                    {"arm": other_arm, "baseline": baseline_arm, "unit": unit, "primary": unit == PRIMARY_UNIT, "score": score, "n_unpaired": unpaired, **result}
+                rows.append(
+                    {"arm": other_arm, "baseline": first_arm, "unit": unit, "primary": unit == PRIMARY_UNIT, "score": score, "n_unpaired": unpaired, **result}
                 )
-            wilcoxon_holm = holm(np.array([r["wilcoxon_p"] for r in block]))
-            t_holm = holm(np.array([r["t_p"] for r in block]))
-            for row, pw, pt in zip(block, wilcoxon_holm, t_holm):
-                row["wilcoxon_p_holm"] = float(pw)
-                row["t_p_holm"] = float(pt)
-            rows.extend(block)
+    comparisons = pd.DataFrame(rows)
+    if comparisons.empty:
+        return comparisons
+    for column in ("wilcoxon_p", "t_p"):
+        comparisons[f"{column}_holm"] = comparisons.groupby("unit", sort=False)[column].transform(lambda p: holm(p.to_numpy()))
+    return comparisons
+
+
+def friedman_test(blocks: np.ndarray) -> dict[str, float]:
+    """Friedman test on a (units × arms) array of scores: chi-square with the tie correction, as scipy's
+    `friedmanchisquare`, its p-value on k − 1 degrees of freedom, and Kendall's W = chi² / (n (k − 1))."""
+    n, k = blocks.shape
+    ranks = sps.rankdata(np.round(blocks, TIE_DECIMALS), axis=1)
+    rank_sums = ranks.sum(axis=0)
+    tie_sizes = np.concatenate([np.unique(row, return_counts=True)[1] for row in ranks]) if n else np.array([1])
+    correction = 1 - (tie_sizes**3 - tie_sizes).sum() / (n * k * (k * k - 1)) if n else 0.0
+    if n < 2 or correction <= 0:
+        return {"chi2": float("nan"), "df": k - 1, "p": float("nan"), "kendall_w": float("nan")}
+    chi2 = (12 / (n * k * (k + 1)) * (rank_sums**2).sum() - 3 * n * (k + 1)) / correction
+    return {"chi2": float(chi2), "df": k - 1, "p": float(sps.chi2.sf(chi2, k - 1)), "kendall_w": float(chi2 / (n * (k - 1)))}
+
+
+def friedman_tests(ratings: pd.DataFrame, arms: list[str]) -> pd.DataFrame:
+    """Per unit (prompts: primary; images: secondary) and score, a Friedman test across all `arms` over
+    the units scored in every arm (raters, and at the prompt level seeds, averaged); Holm across the
+    five scores within a unit. Units missing an arm are left out and counted in `n_incomplete`."""
+    images = image_means(ratings)
+    rows = []
+    for unit in ("prompts", "images"):
+        scores = unit_scores(ratings, unit, images)
+        keys = PAIR_KEYS[unit]
+        block = []
+        for score in SCORE_ROWS:
+            wide = scores.pivot_table(index=keys, columns="arm", values=score, observed=True).reindex(columns=arms)
+            complete = wide.dropna()
+            block.append(
+                {"unit": unit, "primary": unit == PRIMARY_UNIT, "score": score, "arms": ", ".join(arms), "n_units": len(complete),
+                 "n_incomplete": len(wide) - len(complete), **friedman_test(complete.to_numpy())}
+            )
+        for row, adjusted in zip(block, holm(np.array([r["p"] for r in block]))):
+            row["p_holm"] = float(adjusted)
+        rows.extend(block)
     return pd.DataFrame(rows)

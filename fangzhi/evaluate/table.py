@@ -34,12 +34,23 @@ UNIT_NOTES: dict[str, str] = {
 }
 
 
-def arm_order(ratings: pd.DataFrame, baseline_arm: str) -> list[str]:
-    """Baseline first, then the other arms alphabetically (the paper puts SD v1.5 before the LoRA)."""
+def arm_order(ratings: pd.DataFrame, baseline_arm: str, order: list[str] | None = None) -> list[str]:
+    """Baseline (reference) arm first, then the other arms in `order`, or alphabetically without it (the paper
+    puts SD v1.5 before the LoRA). This order gives the table's columns and the adjacent-arm comparisons."""
     arms = sorted(ratings["arm"].unique())
     if baseline_arm not in arms:
-        raise FangzhiError(f"baseline arm '{baseline_arm}' is not in the ratings; arms found: {', '.join(arms)} (set --baseline-arm)")
-    return [baseline_arm] + [a for a in arms if a != baseline_arm]
+        raise FangzhiError(
+            f"reference arm '{baseline_arm}' is not in the ratings; arms found: {', '.join(arms)} (name the reference arm with --reference-arm)"
+        )
+    if order is None:
+        return [baseline_arm] + [a for a in arms if a != baseline_arm]
+    unknown = [a for a in order if a not in arms]
+    missing = [a for a in arms if a not in order and a != baseline_arm]
+    repeated = sorted({a for a in order if order.count(a) > 1})
+    if unknown or missing or repeated:
+        problems = [f"{label}: {', '.join(names)}" for label, names in (("not in the ratings", unknown), ("missing", missing), ("repeated", repeated)) if names]
+        raise FangzhiError(f"arm order {','.join(order)}: {'; '.join(problems)} (arms found: {', '.join(arms)})")
+    return [baseline_arm] + [a for a in order if a != baseline_arm]
 
 
 def unit_scores(ratings: pd.DataFrame, sd_over: SdOver) -> pd.DataFrame:

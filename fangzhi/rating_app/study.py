@@ -1,8 +1,9 @@
 """Create a blind rating study from a generation manifest: items, raters with secret links, per-rater order.
 
-Each rater gets their own randomized order (seeded per rater) in which the two arms of a pair, and
-an image and its repeat, are never back to back; a few images come again later for test–retest,
-and a few attention-check pages ask for a given score.
+A study holds every arm of the manifest (base and any number of LoRA arms): each (prompt, seed) must
+have one image in every arm. Each rater gets their own randomized order (seeded per rater) in which
+no two images of one (prompt, seed), whatever their arms, and no image and its repeat, are back to
+back; a few images come again later for test–retest, and a few attention-check pages ask for a given score.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ManifestImage:
 
     @property
     def pair_key(self) -> tuple[str, int]:
+        """The (prompt, seed) unit: its images in the different arms are compared with each other."""
         return (self.prompt_id, self.seed)
 
 
@@ -61,7 +63,24 @@ def read_manifest(manifest: str | Path) -> list[ManifestImage]:
     if not images:
         raise FangzhiError(f"{manifest}: no images listed")
     _check_texts_agree_across_arms(manifest, images)
+    _check_every_unit_has_every_arm(manifest, images)
     return images
+
+
+def _check_every_unit_has_every_arm(manifest: Path, images: list[ManifestImage]) -> None:
+    # A (prompt, seed) missing an arm cannot be compared in that arm; an unfinished generation run is the usual cause.
+    arms = sorted({image.arm for image in images})
+    arms_of: dict[tuple[str, int], set[str]] = {}
+    for image in images:
+        arms_of.setdefault(image.pair_key, set()).add(image.arm)
+    incomplete = [(key, [arm for arm in arms if arm not in present]) for key, present in arms_of.items() if len(present) < len(arms)]
+    if incomplete:
+        listed = "; ".join(f"prompt {p!r} seed {s}: no {', '.join(missing)}" for (p, s), missing in incomplete[:5])
+        more = f" (and {len(incomplete) - 5} more)" if len(incomplete) > 5 else ""
+        raise FangzhiError(
+            f"{manifest}: every (prompt, seed) needs one image in each arm ({', '.join(arms)}); {listed}{more}. "
+            "Finish the generation run (rerun `fangzhi generate` with the same --out) or remove the incomplete lines."
+        )
 
 
 def _check_texts_agree_across_arms(manifest: Path, images) -> None:
@@ -96,7 +115,7 @@ def read_rater_names(raters: str | Path | list[str]) -> list[str]:
 
 
 def plan_items(images: list[ManifestImage], qc_retest: int, qc_attention: int, rng: np.random.Generator) -> list[PlannedItem]:
-    """One rater's item order: every image once, plus QC items, never two of one pair back to back.
+    """One rater's item order: every image once, plus QC items, never two of one (prompt, seed) back to back.
 
     Built by a random greedy walk (pick any remaining item whose pair differs from the previous
     one, and a repeat only after its first showing); a dead end restarts the walk.
@@ -129,7 +148,7 @@ def plan_items(images: list[ManifestImage], qc_retest: int, qc_attention: int, r
         if not remaining:
             return order
     raise FangzhiError(
-        f"cannot order {len(items)} items so that no pair's two images are back to back: "
+        f"cannot order {len(items)} items so that no two images of one (prompt, seed) are back to back: "
         "the manifest needs more prompts or seeds (or fewer QC items)"
     )
 
