@@ -122,7 +122,7 @@ def test_bad_rows_are_reported_with_file_line_numbers(tmp_path):
     with pytest.raises(FangzhiError) as err:
         read_ratings_file(path)
     message = str(err.value)
-    assert "7 bad rating row(s)" in message  # both copies of the duplicate count
+    assert "7 bad row(s)" in message  # both copies of the duplicate count
     assert "line 3: style is '0'" in message
     assert "line 4: match is '6'" in message
     assert "line 5: detail is 'good'" in message
@@ -465,7 +465,7 @@ def test_unknown_kind_values_are_errors_with_line_numbers(tmp_path):
     with pytest.raises(FangzhiError) as error:
         read_ratings_file(write_csv(tmp_path / "kind.csv", rows, header=header))
     message = str(error.value)
-    assert "2 bad rating row(s)" in message
+    assert "2 bad row(s)" in message
     assert "line 3: kind is empty; must be one of main, retest, attention" in message
     assert "line 4: kind is 'Main'; must be one of main, retest, attention" in message
 

@@ -250,7 +250,7 @@ def test_bad_votes_are_reported_with_line_numbers(tmp_path):
             "r1,p1,0,match,base,lora,L",  # 4
             "r1,p1,0,detail,base,base,tie",  # 5
             "r1,p1,1.5,style,base,lora,left",  # 6
-            "r1,p1,9223372036854775808,style,base,lora,left",  # 7: one above the int64 range
+            "r1,p1,18446744073709551616,style,base,lora,left",  # 7: one above the uint64 range
             ",p1,0,beauty,base,lora,left",  # 8
             "",  # 9
             "r1,p1,0,style,base,lora,right",  # 10: the same vote as line 2 again
@@ -260,14 +260,14 @@ def test_bad_votes_are_reported_with_line_numbers(tmp_path):
     with pytest.raises(FangzhiError) as error:
         read_pairwise_file(path)
     message = str(error.value)
-    assert f"{path}: 9 bad rating row(s)" in message
+    assert f"{path}: 9 bad row(s)" in message
     for expected in [
         "line 2: duplicate vote: rater r1, prompt p1, seed 0, style, left base, right lora (first at line 2)",
         "line 3: dimension is 'colour'; must be one of style, match, detail, beauty",
         "line 4: choice is 'L'; must be one of left, right, tie",
         "line 5: left and right are both arm 'base'",
-        "line 6: seed is '1.5'; must be a whole number",
-        "line 7: seed is '9223372036854775808'",
+        "line 6: seed is '1.5'; must be an integer",
+        "line 7: seed is '18446744073709551616'; does not fit in 64 bits",
         "line 8: missing rater",
         "line 9: empty line",
         "line 10: duplicate vote: rater r1, prompt p1, seed 0, style, left base, right lora (first at line 2)",

@@ -10,24 +10,21 @@ through a float, which would change seeds above 2^53).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate.ratings import BadRows
+from fangzhi.evaluate.ratings import BadRows, RowProblems, parse_seeds, row_labels, value_problems
 
 PAIRWISE_COLUMNS: tuple[str, ...] = ("rater", "prompt", "seed", "dimension", "left", "right", "choice")
 TEXT_COLUMNS: tuple[str, ...] = ("rater", "prompt", "left", "right")
 CHOICES: tuple[str, ...] = ("left", "right", "tie")
 KINDS: tuple[str, ...] = ("main", "retest", "attention")
 FORMAT_SECTION = "see docs/formats.md, 'Pairwise votes, long format'"
-INT64_MAX_DIGITS = str(2**63 - 1)
-INT64_MIN_DIGITS = str(2**63)  # magnitude of the smallest int64
 
 
 def is_pairwise_file(columns: Iterable[object]) -> bool:
@@ -105,16 +102,8 @@ def validate_pairwise_votes(
             f"{','.join(PAIRWISE_COLUMNS)} ({FORMAT_SECTION})"
         )
     n = len(raw)
-    is_bad = np.zeros(n, dtype=bool)
-    reasons: dict[int, str] = {}
-
-    def flag(mask: np.ndarray, reason: str | Callable[[np.ndarray], list[str]]) -> None:
-        # The first problem found on a row is the one reported; texts are built for new bad rows only.
-        new = np.flatnonzero(mask & ~is_bad)
-        if new.size:
-            texts = [reason] * new.size if isinstance(reason, str) else reason(new)
-            reasons.update(zip(new.tolist(), texts))
-            is_bad[new] = True
+    problems = RowProblems(n)
+    flag, is_bad = problems.flag, problems.is_bad
 
     flag(raw[list(PAIRWISE_COLUMNS)].isna().all(axis=1).to_numpy(), "empty line")
     # Text columns become integer codes once (stripped values, -1 where missing); every later rule and the
@@ -125,24 +114,18 @@ def validate_pairwise_votes(
     for column in (*TEXT_COLUMNS, "dimension", "choice"):
         flag(coded[column][0] < 0, f"missing {column}")
 
-    seeds, bad_seed = parse_seeds(raw["seed"])
-    flag(bad_seed, _describer("seed", raw["seed"], "must be a whole number written with digits that fits in 64 bits"))
+    seeds, bad_seed, seed_reasons = parse_seeds(raw["seed"])
+    flag(bad_seed, lambda rows: [seed_reasons[i] for i in rows.tolist()])
     for column, allowed in (("dimension", DIMENSION_KEYS), ("choice", CHOICES), ("kind", KINDS)):
         if column in coded:
             codes, names = coded[column]
             known = np.isin(names, allowed)[codes] & (codes >= 0)
-            flag(~known, _describer(column, raw[column], f"must be one of {', '.join(allowed)}"))
+            flag(~known, value_problems(column, raw[column], f"must be one of {', '.join(allowed)}"))
     same_arm = coded["left"][0] == coded["right"][0]
     flag(same_arm, lambda rows: [f"left and right are both arm {arm!r}; a comparison needs two different arms" for arm in arm_names[arm_codes[rows]]])
     _flag_duplicates(coded, seeds, ~is_bad, positions, flag)
 
-    bad_rows = BadRows(source)
-    bad_index = np.flatnonzero(is_bad)
-    bad_rows.problems = list(zip(_labels(positions, bad_index), (reasons[i] for i in bad_index.tolist())))
-    if bad_rows and not drop_bad_rows:
-        raise FangzhiError(bad_rows.message() + "\nfix these rows, or pass --drop-bad-rows to analyse without them")
-    if bad_rows:
-        warnings.warn(bad_rows.message() + "\nthese rows were dropped (--drop-bad-rows)", stacklevel=2)
+    bad_rows = problems.report(source, positions, drop_bad_rows)
     good = ~is_bad
     if not good.any():
         raise FangzhiError(f"{source}: no valid pairwise votes")
@@ -183,46 +166,6 @@ def _categorical(codes: np.ndarray, names: np.ndarray, rows: np.ndarray, categor
     return pd.Categorical.from_codes(remap[kept], categories=pd.Index(list(categories), dtype=object))
 
 
-def parse_seeds(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Seeds as exact int64 and a mask of the bad ones (missing, not a whole number, outside 64 bits).
-
-    Text must be digits with an optional sign. A float column (Parquet written with a missing seed) is
-    accepted only where the value is a whole number below 2^53, so no float ever stands for another seed.
-    """
-    n = len(values)
-    dtype = values.dtype
-    if pd.api.types.is_integer_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
-        numbers = values.to_numpy(dtype=object, na_value=None) if dtype.kind == "u" and dtype.itemsize == 8 else None
-        if numbers is not None:  # uint64: values above the int64 range do not fit
-            bad = np.array([v is None or v > 2**63 - 1 for v in numbers], dtype=bool)
-            return np.array([0 if b else v for v, b in zip(numbers, bad)], dtype=np.int64), bad
-        nullable = values.astype("Int64")
-        return nullable.fillna(0).to_numpy(dtype=np.int64), nullable.isna().to_numpy()
-    if pd.api.types.is_float_dtype(dtype):
-        floats = values.to_numpy(dtype=float, na_value=np.nan)
-        bad = ~np.isfinite(floats) | (floats != np.round(floats)) | (np.abs(floats) > 2.0**53)
-        return np.where(bad, 0, floats).astype(np.int64), bad
-    text = values.astype("string").str.strip()
-    well_formed = text.str.fullmatch(r"[+-]?[0-9]+").to_numpy(dtype=bool, na_value=False)
-    if well_formed.all():
-        try:  # the usual case: one cast, which refuses values outside int64
-            return text.astype("int64").to_numpy(), np.zeros(n, dtype=bool)
-        except OverflowError:
-            pass
-    digits = text.str.lstrip("+-").str.lstrip("0").to_numpy(dtype=object, na_value="")
-    length = np.fromiter(map(len, digits), dtype=np.int64, count=n) if n else np.zeros(0, dtype=np.int64)
-    bad = ~well_formed | (length > len(INT64_MAX_DIGITS))
-    # Equal-length digit strings compare like the numbers they spell; only 19-digit seeds need the check.
-    for row in np.flatnonzero(well_formed & (length == len(INT64_MAX_DIGITS))):
-        limit = INT64_MIN_DIGITS if text.iat[row].startswith("-") else INT64_MAX_DIGITS
-        bad[row] = digits[row] > limit
-    seeds = np.zeros(n, dtype=np.int64)
-    good = ~bad
-    if good.any():
-        seeds[good] = text[good].astype("int64").to_numpy()
-    return seeds, bad
-
-
 def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, positions: list[str] | None, flag) -> None:
     """Flag every copy of a vote given twice (among rows otherwise valid), naming the first copy."""
     arm_a, arm_b = coded["left"][0], coded["right"][0]
@@ -241,7 +184,7 @@ def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, pos
         return
     rows, group = rows[repeated], group[repeated]
     first_of_group = dict(zip(*np.unique(group, return_index=True)))
-    first = np.array(_labels(positions, rows), dtype=object)[[first_of_group[g] for g in group]]
+    first = np.array(row_labels(positions, rows), dtype=object)[[first_of_group[g] for g in group]]
     copies = {name: values[rows] for name, values in columns.items()}
     duplicated = np.zeros(len(seeds), dtype=bool)
     duplicated[rows] = True
@@ -272,18 +215,3 @@ def group_codes(*columns: np.ndarray) -> np.ndarray:
         key = key * width + codes
         radix *= width
     return pd.factorize(key)[0]
-
-
-def _labels(positions: list[str] | None, index: np.ndarray) -> list[str]:
-    if positions is None:
-        return [f"line {i + 2}" for i in index]
-    return [positions[i] for i in index]
-
-
-def _describer(column: str, values: pd.Series, rule: str) -> Callable[[np.ndarray], list[str]]:
-    """Reason texts for the given bad rows of one column, quoting the value as written."""
-
-    def describe(rows: np.ndarray) -> list[str]:
-        return [f"{column} is {'empty' if pd.isna(v) else repr(str(v))}; {rule}" for v in values.to_numpy(dtype=object)[rows]]
-
-    return describe

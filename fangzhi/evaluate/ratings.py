@@ -44,11 +44,38 @@ class BadRows:
         return len(self.problems)
 
     def message(self) -> str:
-        lines = [f"{self.source}: {len(self.problems)} bad rating row(s)"]
+        lines = [f"{self.source}: {len(self.problems)} bad row(s)"]
         lines += [f"  {where}: {reason}" for where, reason in self.problems[:MAX_LISTED_PROBLEMS]]
         if len(self.problems) > MAX_LISTED_PROBLEMS:
             lines.append(f"  ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more")
         return "\n".join(lines)
+
+
+class RowProblems:
+    """The bad rows of a table under validation, each with the first problem found on it."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.is_bad = np.zeros(n_rows, dtype=bool)
+        self.reasons: dict[int, str] = {}
+
+    def flag(self, mask: np.ndarray, reason: str | Callable[[np.ndarray], list[str]]) -> None:
+        # The first problem found on a row is the one reported; texts are built for new bad rows only.
+        new = np.flatnonzero(mask & ~self.is_bad)
+        if new.size:
+            texts = [reason] * new.size if isinstance(reason, str) else reason(new)
+            self.reasons.update(zip(new.tolist(), texts))
+            self.is_bad[new] = True
+
+    def report(self, source: str, positions: list[str] | None, drop_bad_rows: bool) -> BadRows:
+        """The flagged rows as BadRows: an error naming them, or with `drop_bad_rows` a warning."""
+        bad_rows = BadRows(source)
+        bad_index = np.flatnonzero(self.is_bad)
+        bad_rows.problems = list(zip(row_labels(positions, bad_index), (self.reasons[i] for i in bad_index.tolist())))
+        if bad_rows and not drop_bad_rows:
+            raise FangzhiError(bad_rows.message() + "\nfix these rows, or pass --drop-bad-rows to analyse without them")
+        if bad_rows:
+            warnings.warn(bad_rows.message() + "\nthese rows were dropped (--drop-bad-rows)", stacklevel=3)
+        return bad_rows
 
 
 def read_ratings_file(path: str | Path, drop_bad_rows: bool = False, arm_alias: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, BadRows]:
@@ -115,16 +142,8 @@ def validate_ratings(
             f"{','.join(REQUIRED_COLUMNS)} (see docs/formats.md, 'Ratings, wide format')"
         )
     n = len(raw)
-    is_bad = np.zeros(n, dtype=bool)
-    reasons: dict[int, str] = {}
-
-    def flag(mask: np.ndarray, reason: str | Callable[[np.ndarray], list[str]]) -> None:
-        # The first problem found on a row is the one reported; texts are built for new bad rows only.
-        new = np.flatnonzero(mask & ~is_bad)
-        if new.size:
-            texts = [reason] * new.size if isinstance(reason, str) else reason(new)
-            reasons.update(zip(new.tolist(), texts))
-            is_bad[new] = True
+    problems = RowProblems(n)
+    flag, is_bad = problems.flag, problems.is_bad
 
     flag(raw[list(REQUIRED_COLUMNS)].isna().all(axis=1).to_numpy(), "empty line")
     stripped = {}
@@ -137,7 +156,7 @@ def validate_ratings(
     flag(*_case_variant_arms(stripped["arm"]))
     if "kind" in raw.columns:
         kind = _stripped_text(raw["kind"])
-        flag(~kind.isin(KINDS).to_numpy() | raw["kind"].isna().to_numpy(), _describer("kind", raw["kind"], f"must be one of {', '.join(KINDS)}"))
+        flag(~kind.isin(KINDS).to_numpy() | raw["kind"].isna().to_numpy(), value_problems("kind", raw["kind"], f"must be one of {', '.join(KINDS)}"))
 
     seed, bad_seed, seed_reasons = parse_seeds(raw["seed"])
     flag(bad_seed, lambda rows: [seed_reasons[i] for i in rows.tolist()])
@@ -146,7 +165,7 @@ def validate_ratings(
     for dim in DIMENSION_KEYS:
         numeric = pd.to_numeric(raw[dim], errors="coerce").to_numpy(dtype=float)
         bad = ~np.isfinite(numeric) | (numeric != np.round(numeric)) | (numeric < SCORE_MIN) | (numeric > SCORE_MAX)
-        flag(bad, _describer(dim, raw[dim], f"must be an integer {SCORE_MIN}–{SCORE_MAX}"))
+        flag(bad, value_problems(dim, raw[dim], f"must be an integer {SCORE_MIN}–{SCORE_MAX}"))
         scores[dim] = numeric
 
     clean = pd.DataFrame(
@@ -169,7 +188,7 @@ def validate_ratings(
     duplicated = np.zeros(n, dtype=bool)
     duplicated[candidates] = clean.loc[candidates, key].duplicated(keep=False).to_numpy()
     if duplicated.any():
-        copies = clean.loc[duplicated, key].assign(label=_labels(positions, np.flatnonzero(duplicated)))
+        copies = clean.loc[duplicated, key].assign(label=row_labels(positions, np.flatnonzero(duplicated)))
         first = copies.groupby(key, sort=False)["label"].transform("first")
         texts = [
             f"duplicate rating of rater {r} × image ({a}, {p}, seed {s}) (first at {f}); all copies are bad"
@@ -177,13 +196,7 @@ def validate_ratings(
         ]
         flag(duplicated, lambda rows: texts)
 
-    bad_rows = BadRows(source)
-    bad_index = np.flatnonzero(is_bad)
-    bad_rows.problems = list(zip(_labels(positions, bad_index), (reasons[i] for i in bad_index.tolist())))
-    if bad_rows and not drop_bad_rows:
-        raise FangzhiError(bad_rows.message() + "\nfix these rows, or pass --drop-bad-rows to analyse without them")
-    if bad_rows:
-        warnings.warn(bad_rows.message() + "\nthese rows were dropped (--drop-bad-rows)", stacklevel=2)
+    bad_rows = problems.report(source, positions, drop_bad_rows)
     clean = clean.loc[~is_bad].reset_index(drop=True)
     # Categorical ids make every later groupby work on integer codes (several times faster at 1M rows).
     clean = clean.astype({"rater": "category", "arm": "category", "prompt": "category"})
@@ -275,17 +288,17 @@ def _case_variant_arms(arms: pd.Series) -> tuple[np.ndarray, Callable[[np.ndarra
     return mask, describe
 
 
-def _labels(positions: list[str] | None, index: np.ndarray) -> list[str]:
+def row_labels(positions: list[str] | None, index: np.ndarray) -> list[str]:
     if positions is None:
         return [f"line {i + 2}" for i in index]
     return [positions[i] for i in index]
 
 
-def _describer(column: str, values: pd.Series, rule: str) -> Callable[[np.ndarray], list[str]]:
+def value_problems(column: str, values: pd.Series, rule: str) -> Callable[[np.ndarray], list[str]]:
     """Reason texts for the given bad rows of one column, quoting the value as written."""
 
     def describe(rows: np.ndarray) -> list[str]:
-        return [f"{column} is {'empty' if pd.isna(v) else repr(_as_written(v))}; {rule}" for v in values.to_numpy()[rows]]
+        return [f"{column} is {'empty' if pd.isna(v) else repr(_as_written(v))}; {rule}" for v in values.to_numpy(dtype=object)[rows]]
 
     return describe
 
