@@ -221,23 +221,48 @@ def test_cli_flags_override_config_and_errors_exit_2(tmp_path: Path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path):
-    out = tmp_path / "ddp"
-    config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_base, out, max_steps=4).model_dump(mode="json")))
+def launch_two_processes(config: TrainConfig, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    config_file = tmp_path / f"{Path(config.output_dir).name}.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         # `--multi_gpu` starts two processes through torchrun; without a GPU they form a gloo group.
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fangzhi", "train", "--config", str(config)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fangzhi", "train", "--config", str(config_file), *extra],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[process 1]" in result.stdout and "2 processes" in result.stdout, "training must really run in two processes"
+    return result
+
+
+def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path):
+    out = tmp_path / "ddp"
+    launch_two_processes(tiny_config(tiny_base, out, max_steps=4), tmp_path)
     pipe = load_base(tiny_base)
     pipe.load_lora_weights(str(out))
     assert np.isfinite(render(pipe)).all()
     assert len((out / "loss.csv").read_text().splitlines()) == 5
+
+
+def test_two_process_resume_matches_an_uninterrupted_two_process_run(tiny_base, tmp_path: Path):
+    # 8 images, batch 2, two processes: 2 steps per epoch; the checkpoint at step 3 is in the middle of epoch 2.
+    common = dict(checkpoint_every=3, lr_scheduler="constant", data={"resolution": 64, "random_flip": True}, log_every=4)
+    straight = tmp_path / "straight"
+    launch_two_processes(tiny_config(tiny_base, straight, max_steps=7, **common), tmp_path)
+    interrupted = tmp_path / "interrupted"
+    launch_two_processes(tiny_config(tiny_base, interrupted, max_steps=4, **common), tmp_path)
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-00000003"]
+    resumed = launch_two_processes(tiny_config(tiny_base, interrupted, max_steps=7, **common), tmp_path, "--resume", "latest")
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(interrupted / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    losses = lambda folder: [row.split(",")[2] for row in (folder / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses(straight)) == 7 and losses(straight) == losses(interrupted)
 
 
 def test_latent_cache_gives_the_same_lora_as_encoding_every_step(tiny_base, tmp_path: Path):
