@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from fangzhi.cli import main
 from fangzhi.errors import FangzhiError
@@ -72,3 +73,11 @@ def test_single_file_without_any_configs_says_how_to_get_them(tmp_path: Path):
     assert "model.SAFETENSORS" in message and "--base-config" in message and "huggingface-cli download" in message
     with pytest.raises(FangzhiError, match="not a diffusers folder"):
         load_pipeline(str(checkpoint), base_config=str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_pipeline_returns_the_dtype_asked_for(tiny_base, dtype):
+    pipe = load_pipeline(tiny_base, torch_dtype=dtype)
+    for component in ("unet", "vae", "text_encoder"):
+        dtypes = {param.dtype for param in getattr(pipe, component).parameters()}
+        assert dtypes == {dtype}, (component, dtypes)

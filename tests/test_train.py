@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fangzhi.cli import main
 from fangzhi.config import load_config
@@ -86,7 +86,7 @@ def denoising_loss(pipe: StableDiffusionPipeline) -> float:
 
 
 def test_training_writes_all_outputs(trained_lora: Path):
-    for name in ("pytorch_lora_weights.safetensors", "config.yaml", "loss.csv", "loss.png"):
+    for name in ("pytorch_lora_weights.safetensors", f"{trained_lora.name}_kohya.safetensors", "config.yaml", "loss.csv", "loss.png"):
         assert (trained_lora / name).is_file(), name
     rows = (trained_lora / "loss.csv").read_text().strip().splitlines()
     assert rows[0] == "step,epoch,loss,lr,seconds" and len(rows) == 41
@@ -166,6 +166,38 @@ def test_kohya_export_keeps_a_non_default_alpha(tiny_base, tmp_path: Path):
     state = load_file(str(export_kohya(out, tmp_path / "k.safetensors")))
     alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}
     assert alphas == {2.0}
+
+
+def test_export_of_a_file_without_adapter_metadata_needs_alpha(trained_lora: Path, tmp_path: Path, capsys):
+    # A diffusers-format file from another trainer: same keys, no lora_adapter_metadata, so alpha is unknown.
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(trained_lora / "pytorch_lora_weights.safetensors")), str(bare))
+    assert main(["lora", "export", str(bare), "--out", str(tmp_path / "k.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "bare.safetensors" in err and "lora_adapter_metadata" in err and "--alpha" in err
+    assert not (tmp_path / "k.safetensors").exists()
+    assert main(["lora", "export", str(bare), "--alpha", "2", "--out", str(tmp_path / "k.safetensors")]) == 0
+    state = load_file(str(tmp_path / "k.safetensors"))
+    assert {float(v) for k, v in state.items() if k.endswith(".alpha")} == {2.0}
+
+
+def test_train_says_where_the_kohya_export_is_and_it_loads_as_the_lora(tiny_base, trained_lora: Path, tmp_path: Path, capsys):
+    out = tmp_path / "message"
+    train(tiny_config(tiny_base, out, max_steps=1))
+    message = capsys.readouterr().out
+    assert f"{out / 'message_kohya.safetensors'}" in message and "ComfyUI" in message
+    # The export written by training is the one `fangzhi lora export` would write.
+    exported = load_file(str(export_kohya(trained_lora, tmp_path / "again.safetensors")))
+    written = load_file(str(trained_lora / f"{trained_lora.name}_kohya.safetensors"))
+    assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in exported)
+
+
+def test_train_twice_in_one_process_with_other_mixed_precision(tiny_base, tmp_path: Path):
+    # accelerate keeps process-wide state; a notebook user training fp32 then bf16 must not hit its ValueError.
+    train(tiny_config(tiny_base, tmp_path / "fp32", max_steps=1))
+    train(tiny_config(tiny_base, tmp_path / "bf16", max_steps=2, mixed_precision="bf16", optimizer="adamw"))
+    rows = (tmp_path / "bf16" / "loss.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(np.isfinite(float(r.split(",")[2])) for r in rows)
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_base, tmp_path: Path):
