@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,18 @@ def test_load_pipeline_returns_the_dtype_asked_for(tiny_base, dtype):
     for component in ("unet", "vae", "text_encoder"):
         dtypes = {param.dtype for param in getattr(pipe, component).parameters()}
         assert dtypes == {dtype}, (component, dtypes)
+
+
+def test_the_ratings_analysis_imports_without_torch():
+    # `fangzhi analyze` must not wait for torch, diffusers and open_clip (13-17 s on a 2-core machine).
+    code = (
+        "import sys, fangzhi.evaluate.stats, fangzhi.evaluate\n"
+        "from fangzhi.evaluate import analyze, simulate_ratings\n"
+        "assert callable(analyze) and callable(simulate_ratings)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'open_clip', 'transformers') if m in sys.modules))\n"
+        "from fangzhi.evaluate import ClipScoreConfig\n"
+        "print(ClipScoreConfig.__name__, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "ClipScoreConfig True"]
