@@ -8,7 +8,7 @@ the file, the key and the bad value.
 from __future__ import annotations
 
 import json
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,11 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fangzhi.errors import FangzhiError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser, from PyPI
-    import tomli as tomllib
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 

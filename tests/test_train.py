@@ -311,7 +311,7 @@ def test_optional_training_features_run_and_validation_images_are_written(tiny_b
     out = tmp_path / "features"
     cfg = tiny_config(
         tiny_base, out, max_steps=6, epochs=10, gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.05,
-        gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=2,
+        gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=2, dataloader_workers=2, log_every=4,
         validation={"prompts": ["misty mountains"], "seeds": [0, 1], "every_epochs": 1, "steps": 2},
     )
     train(cfg)

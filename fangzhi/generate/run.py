@@ -222,6 +222,10 @@ def prepare_pipeline(config: GenerateConfig, device: torch.device, dtype: str):
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    # Inference needs no gradients; frozen from the start, the weights also keep the requires_grad that
+    # peft leaves them with after a LoRA is loaded and unloaded, so a compiled UNet is not recompiled per arm.
+    for component in (pipe.unet, pipe.text_encoder, pipe.vae):
+        component.requires_grad_(False)
     if config.compile:
         # In place (nn.Module.compile), so LoRA loading still finds the UNet's own modules.
         pipe.unet.compile()
