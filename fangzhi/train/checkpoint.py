@@ -126,8 +126,10 @@ def find_checkpoint(resume: str, checkpoints_dir: Path) -> Path:
         found = sorted(checkpoints_dir.glob("step-*"))
         if not found:
             raise FangzhiError(f"--resume latest: no checkpoint in {checkpoints_dir} (checkpoints are written every checkpoint_every steps)")
-        return found[-1]
-    path = Path(resume)
+        path = found[-1]
+    else:
+        path = Path(resume)
     if not (path / LORA_STATE_FILE).is_file():
-        raise FangzhiError(f"--resume {resume}: {path / LORA_STATE_FILE} not found; give 'latest' or a checkpoints/step-N folder")
+        older = " (its state.pt is an older fangzhi's checkpoint format, which cannot be resumed; train again)" if (path / "state.pt").is_file() else ""
+        raise FangzhiError(f"--resume {resume}: {path / LORA_STATE_FILE} not found{older}; give 'latest' or a checkpoints/step-N folder")
     return path

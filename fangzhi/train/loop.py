@@ -88,6 +88,7 @@ def _render_validation(pipe, cfg: TrainConfig, epoch: int, out_dir: Path) -> Non
             image.save(folder / f"prompt{p_index:02d}-seed{seed}.png")
     pipe.scheduler = scheduler
 
+
 class TokenizingCollate:
     """Batches dataset items and tokenises their captions, in the DataLoader workers rather than in the step."""
 
@@ -237,21 +238,23 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
         seconds = time.perf_counter() - started
         rows = [(step, epoch, loss, lr) for (step, epoch, lr, _), loss in zip(pending, losses)]
         pending.clear()
-        bad = next((row for row in rows if not math.isfinite(row[2])), None)
-        if bad:
+        bad = next((index for index, row in enumerate(rows) if not math.isfinite(row[2])), None)
+        good = rows[:bad]
+        if accelerator.is_main_process and good:
+            with open(loss_csv, "a") as handle:
+                handle.writelines(f"{step},{epoch},{loss:.6f},{lr:.6e},{seconds:.3f}\n" for step, epoch, loss, lr in good)
+        if log_with:
+            for step, _, loss, lr in good:
+                accelerator.log({"loss": loss, "lr": lr}, step=step)
+        if bad is not None:
+            step, epoch, loss, _ = rows[bad]
             kept = sorted(checkpoints_dir.glob("step-*"))
             raise FangzhiError(
-                f"training loss became {bad[2]} at step {bad[0]} (epoch {bad[1]}); stopped without saving. "
+                f"training loss became {loss} at step {step} (epoch {epoch}); stopped without saving. "
                 + (f"The last good checkpoint is {kept[-1]}. " if kept else "No checkpoint was written yet. ")
                 + "Lower learning_rate, or use bf16 instead of fp16."
             )
         progress.set_postfix(loss=f"{rows[-1][2]:.4f}", lr=f"{rows[-1][3]:.2e}")
-        if accelerator.is_main_process:
-            with open(loss_csv, "a") as handle:
-                handle.writelines(f"{step},{epoch},{loss:.6f},{lr:.6e},{seconds:.3f}\n" for step, epoch, loss, lr in rows)
-        if log_with:
-            for step, _, loss, lr in rows:
-                accelerator.log({"loss": loss, "lr": lr}, step=step)
 
     for epoch in range(start_epoch, cfg.epochs):
         if position.global_step >= total_steps:
