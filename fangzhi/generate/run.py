@@ -10,6 +10,10 @@ Determinism per (prompt, seed) whatever the batch: each image's starting noise c
 torch.Generator seeded with its seed, and a batch only holds prompts with the same number of 75-token
 chunks (padding a short prompt with empty chunks would change its conditioning).
 
+Every decoded image is checked before it is written: one with NaN/inf pixels or all black (an fp16
+VAE overflow) is refused and reported, never put where a rating study would show it. PNG encoding,
+fsync and the manifest line run on a background thread, so the device does not wait for them.
+
 Under `accelerate launch`, the items left to do are split between processes; each writes its own
 images and a manifest shard, and the main process merges the shards once all are done.
 """
