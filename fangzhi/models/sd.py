@@ -7,7 +7,6 @@ whether the weights are SD v1.5's, the tiny base's or random ones.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 from pathlib import Path
 
