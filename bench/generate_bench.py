@@ -55,7 +55,7 @@ def make_random_lora(base: str, out: Path, seed: int = 0) -> Path:
 
 def time_batch(pipe, batch, config) -> float:
     start = time.perf_counter()
-    render_batch(pipe, batch, config)  # returns PIL images, so the GPU has finished
+    render_batch(pipe, batch, config)  # returns the images in host memory, so the GPU has finished
     return time.perf_counter() - start
 
 
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench/generate_bench.json")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per mode and batch size; the fastest counts (shared machines are noisy)")
     parser.add_argument("--skip-sd15", action="store_true", help="only the tiny base, even on a GPU")
+    parser.add_argument("--sd15-base", help="an sd15-random base folder to reuse (bench/gpu.sh builds one for all benchmarks)")
     args = parser.parse_args()
 
     report = {
@@ -119,7 +120,7 @@ def main() -> None:
         tiny = str(build_tiny_base(scratch / "tiny"))
         report["runs"].append(bench_base("tiny", tiny, make_random_lora(tiny, scratch / "tiny-lora"), 64, "fp32", args.repeats, [1, 8]))
         if torch.cuda.is_available() and not args.skip_sd15:
-            sd15 = str(build_sd15_random_base(scratch / "sd15-random"))
+            sd15 = args.sd15_base or str(build_sd15_random_base(scratch / "sd15-random"))
             lora = make_random_lora(sd15, scratch / "sd15-lora")
             report["runs"].append(bench_base("sd15-random", sd15, lora, 512, "fp16", args.repeats, [1, 8]))
     out = Path(args.out)

@@ -37,7 +37,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = next((value for key, value in PEAK_BF16_TFLOPS.items() if key in device), None)
     forward = unet_forward_tflops()
-    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "generate_bench", "clip_bench") if (BENCH / f"{name}.json").exists()}
+    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "generate_bench", "peer", "clip_bench") if (BENCH / f"{name}.json").exists()}
     summary = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                "unet_forward_tflops_512": round(forward, 3), "peak_bf16_tflops": peak, "parts": parts, "mfu": {}}
     lines = [f"# GPU benchmark: {device}", "", f"torch {torch.__version__}; SD v1.5 UNet forward at 512 px = {forward:.3f} TFLOPs (counted)", ""]
@@ -60,6 +60,14 @@ def main() -> None:
                     summary["mfu"][f"generate {name}"] = round(achieved / peak, 4)
                     line += f", MFU {achieved / peak:.1%}"
                 lines.append(line)
+    peer = parts.get("peer")
+    if peer:
+        train, gen = peer["train"], peer["generate"]
+        memory = f", peak memory ×{train['peak_memory_ratio_fangzhi_over_peer']}" if "peak_memory_ratio_fangzhi_over_peer" in train else ""
+        lines.append(f"- peer train ({peer['setting']['base']}, {peer['setting']['resolution']} px): fangzhi {train['fangzhi']['steps_per_second']} steps/s, "
+                     f"diffusers-script loop {train['peer']['steps_per_second']} steps/s (×{train['steps_per_second_ratio_fangzhi_over_peer']}){memory}")
+        lines.append(f"- peer generate end to end: fangzhi {gen['fangzhi']['images_per_second']} images/s, plain diffusers "
+                     f"{gen['peer']['images_per_second']} images/s (×{gen['images_per_second_ratio_fangzhi_over_peer']})")
     for result in parts.get("clip_bench", {}).get("results", []):
         lines.append(f"- CLIP {result['model']} on {result['device']}: {result['end_to_end_images_per_s']:.1f} images/s end to end")
     (BENCH / "gpu.json").write_text(json.dumps(summary, indent=2))

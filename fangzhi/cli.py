@@ -344,7 +344,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_lora_export(args: argparse.Namespace) -> int:
     from fangzhi.train import export_kohya
 
-    print(f"wrote {export_kohya(args.lora, args.out)} (kohya format: loads in A1111, ComfyUI and diffusers)")
+    print(f"wrote {export_kohya(args.lora, args.out, alpha=args.alpha)} (kohya format: loads in A1111, ComfyUI and diffusers)")
     return 0
 
 
@@ -355,6 +355,7 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
     export.add_argument("lora", help="pytorch_lora_weights.safetensors or the training output folder")
     export.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_*/lora_te_* keys with .alpha, as A1111 and ComfyUI load")
     export.add_argument("--out", required=True, help="output .safetensors file")
+    export.add_argument("--alpha", type=float, help="the LoRA alpha it was trained with; needed when the file has no lora_adapter_metadata")
     export.set_defaults(func=_cmd_lora_export)
 
 

@@ -183,7 +183,7 @@ def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = Fals
         write_links(links, out / "rater_links.csv")
 
     def simulate_and_analyze() -> None:
-        from fangzhi.evaluate import AnalyzeConfig, analyze
+        from fangzhi.evaluate.analyze import AnalyzeConfig, analyze
 
         fill_study_with_simulated_ratings(study_db)
         analyze(AnalyzeConfig(db=study_db, out=out / "analysis", clip=clip_csv, title_note="simulated"))
@@ -217,7 +217,7 @@ def fill_study_with_simulated_ratings(db: Path, effect: float = 0.5, seed: int =
     a retest repeats the rater's first score of that image; an attention item gets the asked-for score.
     """
     from fangzhi.dimensions import DIMENSION_KEYS
-    from fangzhi.evaluate import simulate_ratings
+    from fangzhi.evaluate.power import simulate_ratings
     from fangzhi.rating_app.store import add_ratings, list_assignments
 
     assignments = list_assignments(db)

@@ -87,16 +87,73 @@ def test_other_stages_read_the_manifest(paired_run: Path):
     assert len(clip_read_manifest(paired_run / "manifest.jsonl")) == 12
 
 
+def a1111_autov3(path: Path) -> str:
+    """A1111's `addnet_hash_safetensors` (modules/hashes.py): sha256 of the bytes after the 8-byte length and the JSON header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
 def test_png_carries_a1111_parameters(paired_run: Path, tiny_base, lora_dir):
     records = by_key(paired_run)
     base_text = Image.open(paired_run / records[("base", "xishan", 1)]["file"]).text["parameters"]
     prompt, settings = base_text.split("\n")
     assert prompt == records[("base", "xishan", 1)]["prompt"]
-    assert settings.startswith(f"Steps: 4, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: {weights_sha256(tiny_base)[:10]},")
+    # A diffusers-folder base has no A1111 model hash (AutoV2 is defined for one checkpoint file only).
+    assert settings == f"Steps: 4, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Model: {Path(tiny_base).name}, Version: fangzhi"
+    # Training wrote a kohya export beside the LoRA: that is the file A1111 users load, so it is named and hashed.
+    kohya = next(p for p in lora_dir.glob("*.safetensors") if p.name != "pytorch_lora_weights.safetensors")
     lora_text = Image.open(paired_run / records[("lora", "xishan", 1)]["file"]).text["parameters"]
-    lora_sha = hashlib.sha256((lora_dir / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()
-    assert "<lora:pytorch_lora_weights:1>" in lora_text.split("\n")[0]
-    assert f"Lora hashes: \"pytorch_lora_weights: {lora_sha[:12]}\"" in lora_text
+    assert f"<lora:{kohya.stem}:1>" in lora_text.split("\n")[0]
+    assert f"Lora hashes: \"{kohya.stem}: {a1111_autov3(kohya)[:12]}\"" in lora_text
+
+
+def test_single_file_base_and_odd_lora_names_get_a1111_hashes(tiny_base, lora_dir, tmp_path: Path):
+    from ldm_checkpoint import diffusers_to_ldm_state_dict
+    from safetensors.torch import save_file
+
+    from fangzhi.models import load_pipeline
+
+    checkpoint = tmp_path / "base.safetensors"
+    save_file(diffusers_to_ldm_state_dict(load_pipeline(tiny_base)), checkpoint)
+    odd = tmp_path / "loras" / "my,style:v2.safetensors"  # A1111's parsers split on ',' and ':'
+    odd.parent.mkdir()
+    odd.write_bytes((lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    out = tmp_path / "out"
+    generate(config(str(checkpoint), out, base_config=tiny_base, loras=[{"path": str(odd)}], limit_prompts=1, seeds=[0], steps=2))
+    record = by_key(out)[("lora", "xishan", 0)]
+    prompt, settings = Image.open(out / record["file"]).text["parameters"].split("\n")
+    autov2 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    assert prompt.endswith(" <lora:mystylev2:1>")
+    assert f"Model hash: {autov2}, Model: base, Lora hashes: \"mystylev2: {a1111_autov3(odd)[:12]}\"" in settings
+
+
+def test_nan_and_black_images_are_refused_and_the_rest_written(tiny_base, tmp_path: Path, monkeypatch, capsys):
+    from diffusers import AutoencoderKL
+
+    decode = AutoencoderKL.decode
+
+    def broken_decode(self, latents, *args, **kwargs):
+        # The real tiny VAE decodes; then the first image of each batch becomes NaN (as an fp16 overflow gives)
+        # and the second all black (-1 is black after the pipeline's [-1, 1] → [0, 1] mapping).
+        output = decode(self, latents, *args, **kwargs)
+        images = output[0] if isinstance(output, tuple) else output.sample  # the pipeline asks for return_dict=False
+        images[0] = float("nan")
+        images[1] = -1.0
+        return output
+
+    monkeypatch.setattr(AutoencoderKL, "decode", broken_decode)
+    out = tmp_path / "broken"
+    with pytest.raises(FangzhiError) as caught:
+        generate(config(tiny_base, out, limit_prompts=1, seeds=[0, 1, 2], contact_sheets=False))
+    message = str(caught.value)
+    assert "2 images were refused" in message and "bf16" in message
+    assert "base/xishan/seed 0: the decoded image has NaN/inf pixels" in message
+    assert "base/xishan/seed 1: the decoded image is all black" in message
+    assert "refused base/xishan/seed 0" in capsys.readouterr().out  # said when it happens, not only at the end
+    records = read_manifest(out / "manifest.jsonl", check_files=True)
+    assert [(r["prompt_id"], r["seed"]) for r in records] == [("xishan", 2)]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{records[0]['image_id']}.png"]
+    assert pixels(out, records[0]).max() > 0
 
 
 def test_file_names_do_not_reveal_the_arm(paired_run: Path):
@@ -157,6 +214,17 @@ def test_fused_and_unfused_lora_give_the_same_image(tiny_base, lora_dir, tmp_pat
     key = ("lora", "xishan", 5)
     assert np.abs(pixels(tmp_path / "fused", fused[key]) - pixels(tmp_path / "unfused", unfused[key])).max() <= 2
     assert np.abs(pixels(tmp_path / "fused", fused[key]) - pixels(tmp_path / "fused", fused[("base", "xishan", 5)])).mean() > 0.3
+
+
+def test_compiled_unet_is_compiled_once_for_both_arms_and_a_short_last_batch(tiny_base, lora_dir, tmp_path: Path, monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    # 5 seeds in batches of 4: a full and a short batch per arm, base then fused LoRA, with no recompilation.
+    generate(config(tiny_base, tmp_path / "compiled", loras=[{"path": str(lora_dir)}], limit_prompts=1, seeds=[0, 1, 2, 3, 4],
+                    steps=2, compile=True, contact_sheets=False))
+    assert len(read_manifest(tmp_path / "compiled" / "manifest.jsonl", check_files=True)) == 10
 
 
 def test_rerun_repairs_missing_corrupt_and_half_written_images(paired_run: Path, tiny_base, lora_dir, tmp_path: Path, capsys):

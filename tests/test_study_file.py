@@ -24,7 +24,7 @@ from fangzhi import studydb
 from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate import AnalyzeConfig, analyze
+from fangzhi.evaluate.analyze import AnalyzeConfig, analyze
 from fangzhi.rating_app import sample, store, study
 from fangzhi.rating_app.serve import DB_ENV
 

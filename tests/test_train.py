@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fangzhi.cli import main
 from fangzhi.config import load_config
@@ -86,7 +86,7 @@ def denoising_loss(pipe: StableDiffusionPipeline) -> float:
 
 
 def test_training_writes_all_outputs(trained_lora: Path):
-    for name in ("pytorch_lora_weights.safetensors", "config.yaml", "loss.csv", "loss.png"):
+    for name in ("pytorch_lora_weights.safetensors", f"{trained_lora.name}_kohya.safetensors", "config.yaml", "loss.csv", "loss.png"):
         assert (trained_lora / name).is_file(), name
     rows = (trained_lora / "loss.csv").read_text().strip().splitlines()
     assert rows[0] == "step,epoch,loss,lr,seconds" and len(rows) == 41
@@ -168,6 +168,38 @@ def test_kohya_export_keeps_a_non_default_alpha(tiny_base, tmp_path: Path):
     assert alphas == {2.0}
 
 
+def test_export_of_a_file_without_adapter_metadata_needs_alpha(trained_lora: Path, tmp_path: Path, capsys):
+    # A diffusers-format file from another trainer: same keys, no lora_adapter_metadata, so alpha is unknown.
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(trained_lora / "pytorch_lora_weights.safetensors")), str(bare))
+    assert main(["lora", "export", str(bare), "--out", str(tmp_path / "k.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "bare.safetensors" in err and "lora_adapter_metadata" in err and "--alpha" in err
+    assert not (tmp_path / "k.safetensors").exists()
+    assert main(["lora", "export", str(bare), "--alpha", "2", "--out", str(tmp_path / "k.safetensors")]) == 0
+    state = load_file(str(tmp_path / "k.safetensors"))
+    assert {float(v) for k, v in state.items() if k.endswith(".alpha")} == {2.0}
+
+
+def test_train_says_where_the_kohya_export_is_and_it_loads_as_the_lora(tiny_base, trained_lora: Path, tmp_path: Path, capsys):
+    out = tmp_path / "message"
+    train(tiny_config(tiny_base, out, max_steps=1))
+    message = capsys.readouterr().out
+    assert f"{out / 'message_kohya.safetensors'}" in message and "ComfyUI" in message
+    # The export written by training is the one `fangzhi lora export` would write.
+    exported = load_file(str(export_kohya(trained_lora, tmp_path / "again.safetensors")))
+    written = load_file(str(trained_lora / f"{trained_lora.name}_kohya.safetensors"))
+    assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in exported)
+
+
+def test_train_twice_in_one_process_with_other_mixed_precision(tiny_base, tmp_path: Path):
+    # accelerate keeps process-wide state; a notebook user training fp32 then bf16 must not hit its ValueError.
+    train(tiny_config(tiny_base, tmp_path / "fp32", max_steps=1))
+    train(tiny_config(tiny_base, tmp_path / "bf16", max_steps=2, mixed_precision="bf16", optimizer="adamw"))
+    rows = (tmp_path / "bf16" / "loss.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(np.isfinite(float(r.split(",")[2])) for r in rows)
+
+
 def test_resume_matches_an_uninterrupted_run(tiny_base, tmp_path: Path):
     common = dict(checkpoint_every=3, lr_scheduler="constant", data={"resolution": 64, "random_flip": True})
     straight = tmp_path / "straight"
@@ -221,23 +253,48 @@ def test_cli_flags_override_config_and_errors_exit_2(tmp_path: Path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path):
-    out = tmp_path / "ddp"
-    config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_base, out, max_steps=4).model_dump(mode="json")))
+def launch_two_processes(config: TrainConfig, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    config_file = tmp_path / f"{Path(config.output_dir).name}.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         # `--multi_gpu` starts two processes through torchrun; without a GPU they form a gloo group.
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fangzhi", "train", "--config", str(config)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fangzhi", "train", "--config", str(config_file), *extra],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[process 1]" in result.stdout and "2 processes" in result.stdout, "training must really run in two processes"
+    return result
+
+
+def test_two_process_cpu_training_writes_a_valid_lora(tiny_base, tmp_path: Path):
+    out = tmp_path / "ddp"
+    launch_two_processes(tiny_config(tiny_base, out, max_steps=4), tmp_path)
     pipe = load_base(tiny_base)
     pipe.load_lora_weights(str(out))
     assert np.isfinite(render(pipe)).all()
     assert len((out / "loss.csv").read_text().splitlines()) == 5
+
+
+def test_two_process_resume_matches_an_uninterrupted_two_process_run(tiny_base, tmp_path: Path):
+    # 8 images, batch 2, two processes: 2 steps per epoch; the checkpoint at step 3 is in the middle of epoch 2.
+    common = dict(checkpoint_every=3, lr_scheduler="constant", data={"resolution": 64, "random_flip": True}, log_every=4)
+    straight = tmp_path / "straight"
+    launch_two_processes(tiny_config(tiny_base, straight, max_steps=7, **common), tmp_path)
+    interrupted = tmp_path / "interrupted"
+    launch_two_processes(tiny_config(tiny_base, interrupted, max_steps=4, **common), tmp_path)
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-00000003"]
+    resumed = launch_two_processes(tiny_config(tiny_base, interrupted, max_steps=7, **common), tmp_path, "--resume", "latest")
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(interrupted / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    losses = lambda folder: [row.split(",")[2] for row in (folder / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses(straight)) == 7 and losses(straight) == losses(interrupted)
 
 
 def test_latent_cache_gives_the_same_lora_as_encoding_every_step(tiny_base, tmp_path: Path):
@@ -254,7 +311,7 @@ def test_optional_training_features_run_and_validation_images_are_written(tiny_b
     out = tmp_path / "features"
     cfg = tiny_config(
         tiny_base, out, max_steps=6, epochs=10, gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.05,
-        gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=2,
+        gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=2, dataloader_workers=2, log_every=4,
         validation={"prompts": ["misty mountains"], "seeds": [0, 1], "every_epochs": 1, "steps": 2},
     )
     train(cfg)

@@ -65,7 +65,7 @@ class GenerateConfig(StrictModel):
     height: int = Field(512, ge=8, multiple_of=8)
     negative: str = Field("", description="negative prompt for entries that have none")
     batch_size: int = Field(4, ge=1, description="images per UNet call; does not change any image")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: bf16 on CUDA GPUs that support it (else fp16), fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the UNet (pays off for long runs on a GPU)")
     fuse_lora: bool = Field(True, description="merge each LoRA into the weights for its arm; false only to compare speed or outputs")
     long_prompts: Literal["chunk", "truncate"] = Field("chunk", description="prompts over 75 CLIP tokens: encode in chunks, or cut")

@@ -2,6 +2,7 @@
 
 from fangzhi.models.sd import (
     DEFAULT_BASE,
+    allow_tf32,
     base_available,
     build_sd15_random_base,
     build_tiny_base,
@@ -9,4 +10,4 @@ from fangzhi.models.sd import (
     weights_sha256,
 )
 
-__all__ = ["DEFAULT_BASE", "base_available", "build_sd15_random_base", "build_tiny_base", "load_pipeline", "weights_sha256"]
+__all__ = ["DEFAULT_BASE", "allow_tf32", "base_available", "build_sd15_random_base", "build_tiny_base", "load_pipeline", "weights_sha256"]

@@ -85,6 +85,10 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str = DEFAULT_CL
     except (RuntimeError, OSError, ValueError) as exc:
         raise FangzhiError(_load_failure_message(model_name, pretrained, source, exc)) from None
     model.eval()
+    if device.type == "cuda":
+        from fangzhi.models.sd import allow_tf32
+
+        allow_tf32()  # the fp32 ViT-L/14 image tower runs on tensor cores
     return model, preprocess, tokenizer
 
 

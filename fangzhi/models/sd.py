@@ -7,7 +7,6 @@ whether the weights are SD v1.5's, the tiny base's or random ones.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fangzhi.errors import FangzhiError
+from fangzhi.generate.manifest import file_sha256
 from fangzhi.models.tokenizer import clip_tokenizer_from_open_clip_bpe
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -104,6 +104,12 @@ def load_pipeline(base: str, torch_dtype: torch.dtype = torch.float32, base_conf
     return pipe
 
 
+def allow_tf32() -> None:
+    """Let fp32 matmuls and convolutions on Ampere+ GPUs use TF32 tensor cores (process-wide; ~10-bit mantissa products)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def base_available(base: str, base_config: str | None = None) -> str | None:
     """Why `base` cannot be loaded here, found without loading it (None when it looks loadable)."""
     path = Path(base).expanduser()
@@ -125,17 +131,17 @@ def base_available(base: str, base_config: str | None = None) -> str | None:
 
 
 def weights_sha256(base: str) -> str:
-    """sha256 over a base's weight files (sorted by path), or of a single checkpoint file; '' for a Hub id."""
+    """sha256 of a single checkpoint file (civitai's SHA256; its first 10 hex are A1111's AutoV2 `Model hash`),
+    or over a diffusers folder's weight files with their paths (sorted); '' for a Hub id."""
     path = Path(base).expanduser()
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt"))
-    else:
+        return file_sha256(path)
+    if not path.is_dir():
         return ""
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt"))
     digest = hashlib.sha256()
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

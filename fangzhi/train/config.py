@@ -66,7 +66,8 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(default=500, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1, description="how many checkpoints to keep on disk")
     resume: str | None = Field(default=None, description="'latest' or a checkpoint folder to continue from")
-    dataloader_workers: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, ge=1, description="optimizer steps between loss logging (one host sync and, with several processes, one gather each time)")
+    dataloader_workers: int | None = Field(default=None, ge=0, description="DataLoader worker processes (decoding, augmentation, tokenising); default 4 on a GPU, 0 on CPU")
 
     @model_validator(mode="after")
     def _cache_needs_fixed_crops(self) -> "TrainConfig":

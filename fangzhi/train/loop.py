@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -26,10 +27,10 @@ from tqdm.auto import tqdm
 from fangzhi.config import save_config
 from fangzhi.data import CaptionedImageDataset, load_training_entries
 from fangzhi.errors import FangzhiError
-from fangzhi.models import load_pipeline
-from fangzhi.train.checkpoint import TrainingPosition, find_checkpoint, load_checkpoint, save_checkpoint
+from fangzhi.models import allow_tf32, load_pipeline
+from fangzhi.train.checkpoint import ProcessNoiseGenerator, TrainingPosition, find_checkpoint, register_lora_state_hooks, save_checkpoint
 from fangzhi.train.config import TrainConfig
-from fangzhi.train.lora import attach_lora, save_lora
+from fangzhi.train.lora import LORA_WEIGHT_NAME, attach_lora, export_kohya, kohya_export_path, save_lora
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -88,11 +89,34 @@ def _render_validation(pipe, cfg: TrainConfig, epoch: int, out_dir: Path) -> Non
     pipe.scheduler = scheduler
 
 
+class TokenizingCollate:
+    """Batches dataset items and tokenises their captions, in the DataLoader workers rather than in the step."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = torch.utils.data.default_collate(items)
+        batch["input_ids"] = self.tokenizer(
+            list(batch["caption"]), padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+        return batch
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train a style LoRA as `cfg` says; returns the path of pytorch_lora_weights.safetensors."""
-    out_dir = Path(cfg.output_dir)
     entries = load_training_entries(cfg.data)  # refuses bad data before any model is loaded
+    try:
+        return _train(cfg, entries)
+    finally:
+        # accelerate keeps one process-wide state and refuses a second Accelerator with other settings
+        # (e.g. another mixed precision), so a second train() in the same process must start clean.
+        # The process group (PartialState) is kept: it belongs to the launcher, not to this run.
+        AcceleratorState._reset_state(reset_partial_state=False)
 
+
+def _train(cfg: TrainConfig, entries: list) -> Path:
+    out_dir = Path(cfg.output_dir)
     log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(
         # Without a GPU, several processes (torchrun via `accelerate launch --multi_gpu`) need cpu=True to form a gloo group.
@@ -103,6 +127,9 @@ def train(cfg: TrainConfig) -> Path:
         project_dir=str(out_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    on_gpu = accelerator.device.type == "cuda"
+    if on_gpu:
+        allow_tf32()
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +164,10 @@ def train(cfg: TrainConfig) -> Path:
         random_flip=cfg.data.random_flip,
         seed=cfg.seed,
     )
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.dataloader_workers)
+    workers = cfg.dataloader_workers if cfg.dataloader_workers is not None else (4 if on_gpu else 0)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=on_gpu, collate_fn=TokenizingCollate(tokenizer)
+    )
 
     micro_batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation)
@@ -156,13 +186,17 @@ def train(cfg: TrainConfig) -> Path:
     text_encoder_step = trained.get("text_encoder", text_encoder)
     unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
 
-    noise_generator = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    position = TrainingPosition()
+    process_noise = ProcessNoiseGenerator(cfg.seed, accelerator)
+    register_lora_state_hooks(accelerator, unwrapped)
+    accelerator.register_for_checkpointing(position, process_noise)
+    noise_generator = process_noise.generator
     checkpoints_dir = out_dir / "checkpoints"
-    position = TrainingPosition(global_step=0, epoch=0, batches_done_in_epoch=0)
     if cfg.resume:
         checkpoint = find_checkpoint(cfg.resume, checkpoints_dir)
-        position = load_checkpoint(checkpoint, unwrapped, optimizer, lr_scheduler, noise_generator)
+        accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {position.global_step}")
+    start_epoch, start_skip = position.epoch, position.batches_done_in_epoch
     if accelerator.num_processes > 1:
         print(f"[process {accelerator.process_index}] training on {accelerator.device}, {accelerator.num_processes} processes", flush=True)
 
@@ -174,14 +208,14 @@ def train(cfg: TrainConfig) -> Path:
             missing = [i for i in indices.tolist() if i % len(entries) not in latent_cache]
             if missing:
                 with torch.no_grad():
-                    params = vae.encode(pixel_values.to(accelerator.device, dtype=weight_dtype)).latent_dist.parameters
+                    params = vae.encode(pixel_values.to(accelerator.device, dtype=vae.dtype, non_blocking=True)).latent_dist.parameters
                 for row, i in enumerate(indices.tolist()):
                     latent_cache.setdefault(i % len(entries), params[row])
             params = torch.stack([latent_cache[i % len(entries)] for i in indices.tolist()])
             distribution = DiagonalGaussianDistribution(params)
         else:
             with torch.no_grad():
-                distribution = vae.encode(pixel_values.to(accelerator.device, dtype=weight_dtype)).latent_dist
+                distribution = vae.encode(pixel_values.to(accelerator.device, dtype=vae.dtype, non_blocking=True)).latent_dist
         return distribution.sample(generator=noise_generator) * vae.config.scaling_factor
 
     loss_csv = out_dir / "loss.csv"
@@ -193,14 +227,41 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.init_trackers("fangzhi-train")
     progress = tqdm(total=total_steps, initial=position.global_step, disable=not accelerator.is_local_main_process, desc="train", unit="step")
     started = time.perf_counter()
-    step_losses: list[float] = []
+    micro_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on the device
+    pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, lr, loss) not yet logged
 
-    for epoch in range(position.epoch, cfg.epochs):
+    def flush_losses() -> None:
+        """One gather and one host sync for all steps since the last flush; stops on a non-finite loss."""
+        if not pending:
+            return
+        losses = accelerator.gather(torch.stack([loss for *_, loss in pending])[None]).mean(dim=0).tolist()
+        seconds = time.perf_counter() - started
+        rows = [(step, epoch, loss, lr) for (step, epoch, lr, _), loss in zip(pending, losses)]
+        pending.clear()
+        bad = next((index for index, row in enumerate(rows) if not math.isfinite(row[2])), None)
+        good = rows[:bad]
+        if accelerator.is_main_process and good:
+            with open(loss_csv, "a") as handle:
+                handle.writelines(f"{step},{epoch},{loss:.6f},{lr:.6e},{seconds:.3f}\n" for step, epoch, loss, lr in good)
+        if log_with:
+            for step, _, loss, lr in good:
+                accelerator.log({"loss": loss, "lr": lr}, step=step)
+        if bad is not None:
+            step, epoch, loss, _ = rows[bad]
+            kept = sorted(checkpoints_dir.glob("step-*"))
+            raise FangzhiError(
+                f"training loss became {loss} at step {step} (epoch {epoch}); stopped without saving. "
+                + (f"The last good checkpoint is {kept[-1]}. " if kept else "No checkpoint was written yet. ")
+                + "Lower learning_rate, or use bf16 instead of fp16."
+            )
+        progress.set_postfix(loss=f"{rows[-1][2]:.4f}", lr=f"{rows[-1][3]:.2e}")
+
+    for epoch in range(start_epoch, cfg.epochs):
         if position.global_step >= total_steps:
             break
         dataset.set_epoch(epoch)
         dataloader.set_epoch(epoch)
-        skip = position.batches_done_in_epoch if epoch == position.epoch else 0
+        skip = start_skip if epoch == start_epoch else 0
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         for model in trained.values():
             model.train()
@@ -209,15 +270,14 @@ def train(cfg: TrainConfig) -> Path:
             micro_batch += 1
             with accelerator.accumulate(*trained.values()):
                 latents = encode_latents(batch["pixel_values"], batch["index"])
-                noise = torch.randn(latents.shape, generator=noise_generator).to(latents)
+                noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device, dtype=latents.dtype)
                 if cfg.noise_offset:
-                    noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator).to(latents)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_generator).to(accelerator.device)
+                    noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator, device=latents.device, dtype=latents.dtype)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_generator, device=latents.device
+                )
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                input_ids = tokenizer(
-                    list(batch["caption"]), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-                ).input_ids.to(accelerator.device)
-                encoder_hidden_states = text_encoder_step(input_ids, return_dict=False)[0]
+                encoder_hidden_states = text_encoder_step(batch["input_ids"].to(accelerator.device, non_blocking=True), return_dict=False)[0]
                 prediction = unet_step(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
                 if cfg.snr_gamma is None:
@@ -227,15 +287,7 @@ def train(cfg: TrainConfig) -> Path:
                     weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
                     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = (per_sample * weights).mean()
-                loss_value = accelerator.gather(loss.detach()).mean().item()
-                if not math.isfinite(loss_value):
-                    kept = sorted(checkpoints_dir.glob("step-*"))
-                    raise FangzhiError(
-                        f"training loss became {loss_value} at step {position.global_step + 1} (epoch {epoch + 1}); stopped without saving. "
-                        + (f"The last good checkpoint is {kept[-1]}. " if kept else "No checkpoint was written yet. ")
-                        + "Lower learning_rate, or use bf16 instead of fp16."
-                    )
-                step_losses.append(loss_value)
+                micro_losses.append(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_([p for m in trained.values() for p in m.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -246,24 +298,19 @@ def train(cfg: TrainConfig) -> Path:
             if not accelerator.sync_gradients:
                 continue
             position.global_step += 1
-            step_loss = sum(step_losses) / len(step_losses)
-            step_losses.clear()
-            lr = lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if accelerator.is_main_process:
-                with open(loss_csv, "a") as handle:
-                    handle.write(f"{position.global_step},{epoch + 1},{step_loss:.6f},{lr:.6e},{time.perf_counter() - started:.3f}\n")
-            if log_with:
-                accelerator.log({"loss": step_loss, "lr": lr}, step=position.global_step)
             at_end_of_epoch = micro_batch >= micro_batches_per_epoch
-            if position.global_step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
-                saved_position = TrainingPosition(
-                    position.global_step, epoch + 1 if at_end_of_epoch else epoch, 0 if at_end_of_epoch else micro_batch
-                )
-                save_checkpoint(checkpoints_dir, saved_position, unwrapped, optimizer, lr_scheduler, noise_generator, cfg.keep_checkpoints)
+            position.epoch, position.batches_done_in_epoch = (epoch + 1, 0) if at_end_of_epoch else (epoch, micro_batch)
+            pending.append((position.global_step, epoch + 1, lr_scheduler.get_last_lr()[0], torch.stack(micro_losses).mean()))
+            micro_losses.clear()
+            progress.update(1)
+            at_checkpoint = position.global_step % cfg.checkpoint_every == 0
+            if at_checkpoint or position.global_step % cfg.log_every == 0 or position.global_step >= total_steps:
+                flush_losses()  # before a checkpoint, so that a non-finite loss is never saved
+            if at_checkpoint:
+                save_checkpoint(accelerator, checkpoints_dir, position.global_step, cfg.keep_checkpoints)
             if position.global_step >= total_steps:
                 break
+        flush_losses()
         if cfg.validation.prompts and (epoch + 1) % cfg.validation.every_epochs == 0 and accelerator.is_main_process:
             for model in trained.values():
                 model.eval()
@@ -271,10 +318,15 @@ def train(cfg: TrainConfig) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
-    lora_file = out_dir / "pytorch_lora_weights.safetensors"
+    lora_file = out_dir / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
         lora_file = save_lora(out_dir, unwrapped.get("unet"), unwrapped.get("text_encoder"))
+        kohya_file = export_kohya(lora_file, kohya_export_path(lora_file))
         _plot_loss(loss_csv, out_dir / "loss.png")
-        accelerator.print(f"saved {lora_file} after {position.global_step} steps in {time.perf_counter() - started:.1f} s")
+        accelerator.print(
+            f"saved {lora_file} after {position.global_step} steps in {time.perf_counter() - started:.1f} s (diffusers format: "
+            f"`pipe.load_lora_weights`, fangzhi generate).\nFor A1111, ComfyUI and civitai use the kohya export {kohya_file} "
+            "(ComfyUI does not read the diffusers format)."
+        )
     accelerator.end_training()
     return lora_file
