@@ -79,6 +79,9 @@ def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, b
         assert abs(left["width"] - right["width"]) < 2 and abs(left["height"] - right["height"]) < 2
         if k == 0:
             shot(page, "pairwise_desktop")
+        # One comparison, one screen: the images, the four questions and Save without scrolling.
+        save = page.get_by_role("button", name="保存并继续").bounding_box()
+        assert save["y"] + save["height"] <= DESKTOP["height"] and left["height"] > 300
         snapshot()
         for key in presses:
             page.keyboard.press(key)

@@ -34,7 +34,7 @@ RATER_STATE = ("rater_id", "view", "position", "shown_at", "drafts", "notice")
 
 PAIR_CSS = """
 <style>
-.st-key-pair-left img, .st-key-pair-right img { max-height: calc(100vh - 26rem); width: 100%; object-fit: contain; }
+.st-key-pair-left img, .st-key-pair-right img { max-height: calc(100vh - 34rem); width: 100%; object-fit: contain; }
 .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
 @media (max-width: 640px) { .st-key-pair-left img, .st-key-pair-right img { max-height: 42vh; } }
 </style>
@@ -176,9 +176,10 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
         st.warning(i18n.text("answer_all", lang))
     labels = {choice: i18n.text(f"pair_choice_{choice}", lang) for choice in CHOICES}
     with st.form(f"item-{position}", border=False), st.container(key="questions"):
-        for dimension in DIMENSIONS:
+        # The four questions in a row below the images (stacked on a phone), so that one comparison fits one screen.
+        for dimension, column in zip(DIMENSIONS, st.columns(len(DIMENSIONS), gap="small")):
             previous = draft.get(dimension.key) or comparison.choices.get(dimension.key)
-            st.radio(
+            column.radio(
                 f"**{i18n.dimension_name(dimension.key, lang)}**", options=list(CHOICES), format_func=labels.get,
                 index=CHOICES.index(previous) if previous else None, horizontal=True, key=f"{position}-{dimension.key}",
             )
