@@ -139,6 +139,16 @@ def test_each_rater_sees_every_arm_equally_often_on_balanced_sides_and_no_unit_b
     pd.testing.assert_frame_equal(pairwise_store.list_comparisons(again), comparisons)
 
 
+def test_a_rater_added_later_gets_a_pairwise_plan(pairwise_db):
+    db, _ = pairwise_db
+    name, token, link = study.add_rater(db, "carol")
+    plan = pairwise_store.list_comparisons(db)
+    carol, alice = plan[plan["rater"] == "carol"], plan[plan["rater"] == "alice"]
+    assert len(carol) == len(alice) and Counter(carol["kind"]) == Counter(alice["kind"])
+    with studydb.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM assignments").fetchone() == (0,)
+
+
 def test_balanced_sides_on_random_multigraphs():
     rng = np.random.default_rng(0)
     for _ in range(50):
