@@ -131,7 +131,10 @@ def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
     if clicked == "back":
         drafts[position] = (answers, comment)  # kept for when the rater comes back
         st.session_state.get("shown_at", {}).pop(position, None)
-        parts.go_to("start") if position == 0 else parts.go_to("item", position - 1)
+        if position == 0:
+            parts.go_to("start")
+        else:
+            parts.go_to("item", position - 1)
         return clicked
     if any(choice is None for choice in answers.values()):
         st.session_state.notice = "answer_all"
@@ -140,7 +143,10 @@ def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
     pairwise_store.save_choices(con, rater_id, position, answers, comment, seconds)
     drafts.pop(position, None)
     following = parts.next_position(pairwise_store.completed_comparisons(con, rater_id), position)
-    parts.go_to("item", following) if following is not None else parts.go_to("done")
+    if following is None:
+        parts.go_to("done")
+    else:
+        parts.go_to("item", following)
     return clicked
 
 
