@@ -366,7 +366,7 @@ def _cmd_study_create(args: argparse.Namespace) -> int:
 
     links = create_study(
         args.manifest, args.db, args.raters, reference_images=args.reference_images, lang=args.lang,
-        qc_retest=args.qc_retest, qc_attention=args.qc_attention, seed=args.seed, base_url=args.base_url,
+        qc_retest=args.qc_retest, qc_attention=args.qc_attention, seed=args.seed, base_url=args.base_url, mode=args.mode,
     )
     links_file = Path(args.links_out) if args.links_out else Path(args.db).with_suffix(".links.csv")
     write_links(links, links_file)
@@ -396,6 +396,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--qc-retest", type=int, default=3, help="images each rater sees a second time, for test-retest (default 3)")
     create.add_argument("--qc-attention", type=int, default=2, help="attention-check pages per rater (default 2)")
     create.add_argument("--seed", type=int, default=0, help="study seed; each rater's order is seeded from it (default 0)")
+    create.add_argument("--mode", choices=["absolute", "pairwise"], default="absolute",
+                        help="absolute: each image scored 1-5 (default); pairwise: two images side by side, left / right / equal per question")
     create.add_argument("--base-url", default="http://localhost:8501", help="where raters reach the app, for the links")
     create.add_argument("--links-out", help="CSV of rater,token,link for the admin (default: DB with .links.csv)")
     create.set_defaults(func=_cmd_study_create)

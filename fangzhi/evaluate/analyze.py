@@ -18,10 +18,10 @@ from fangzhi.errors import FangzhiError
 from fangzhi.evaluate import power as power_mod
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.evaluate import mixed, reliability, report, stats, table
-from fangzhi.evaluate.pairwise import analyze_pairwise
-from fangzhi.evaluate.pairwise_votes import file_columns, is_pairwise_file
+from fangzhi.evaluate.pairwise import analyze_pairwise, analyze_votes, write_pairwise
+from fangzhi.evaluate.pairwise_votes import PAIRWISE_COLUMNS, file_columns, is_pairwise_file, validate_pairwise_votes
 from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
-from fangzhi.studydb import attention_failures, raters_failing_attention, read_study
+from fangzhi.studydb import StudyRead, attention_failures, pairwise_attention_failures, raters_failing_attention, read_study
 
 CLIP_COLUMNS = ("clip_score", "style_similarity")
 
@@ -352,15 +352,54 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
     return out
 
 
+def analyze_pairwise_study(config: AnalyzeConfig, study: StudyRead) -> None:
+    """The preference analysis of a pairwise study's saved votes (revoked raters left out unless include_revoked),
+    with its attention-item failures per rater in the report and in pairwise_attention.csv."""
+    if study.from_snapshot:
+        warnings.warn(f"{config.db} is open in another process; analysing {study.source}", stacklevel=2)
+    votes = study.votes()
+    revoked = votes["revoked"].to_numpy()
+    revoked_raters = sorted(votes.loc[revoked, "rater"].unique())
+    rows = study.rows
+    if not config.include_revoked:
+        votes = votes.loc[~revoked].reset_index(drop=True)
+        rows = rows.loc[~rows["revoked"].astype(bool)]
+    if votes.empty:
+        raise FangzhiError(f"{study.source}: no saved comparisons to analyse yet")
+    positions = [f"rater {r}, prompt {p} seed {s} ({k})" for r, p, s, k in zip(votes["rater"], votes["prompt"], votes["seed"], votes["kind"])]
+    clean, bad = validate_pairwise_votes(votes[[*PAIRWISE_COLUMNS, "kind"]], source=str(config.db), positions=positions, drop_bad_rows=config.drop_bad_rows)
+    result = analyze_votes(clean, study.source, config.baseline_arm, pairwise_bootstrap(config), config.seed, title_note=config.title_note, bad_rows=bad)
+    attention = pairwise_attention_failures(rows)
+    result.notes.append(
+        f"Attention items (an image beside a blank one): {int(attention['failures'].sum())} failed of {int(attention['items'].sum())} answered"
+        + (f"; raters with failures: {', '.join(attention.loc[attention['failures'] > 0, 'rater'])}" if attention["failures"].any() else "")
+        + " (pairwise_attention.csv)."
+    )
+    if revoked_raters:
+        kept = "included (--include-revoked)" if config.include_revoked else "left out (--include-revoked keeps them)"
+        result.notes.append(f"Revoked raters: {', '.join(revoked_raters)}; their votes are {kept}.")
+    result.counts["attention_items"] = int(attention["items"].sum())
+    result.counts["attention_failures"] = int(attention["failures"].sum())
+    write_pairwise(result, config.out)
+    attention.to_csv(config.out / "pairwise_attention.csv", index=False)
+
+
+def pairwise_bootstrap(config: AnalyzeConfig) -> int:
+    return config.bootstrap if "bootstrap" in config.model_fields_set else PAIRWISE_BOOTSTRAP
+
+
 def run_analyze(config: AnalyzeConfig) -> tuple[Path, Path]:
-    """`fangzhi analyze`: a pairwise votes file (detected by its columns) gets the preference analysis, anything
-    else the score analysis. Returns the output folder and its headline Markdown table."""
+    """`fangzhi analyze`: a pairwise votes file (detected by its columns) or a pairwise study gets the preference
+    analysis, anything else the score analysis. Returns the output folder and its headline Markdown table."""
+    if config.db is not None:
+        study = read_study(config.db)
+        if study.mode == "pairwise":
+            _reject_score_only_flags(config, f"{config.db} is a pairwise study", "an absolute (1–5) study", frozenset({"include_revoked"}))
+            analyze_pairwise_study(config, study)
+            return config.out, config.out / "pairwise_table.md"
     if config.ratings is not None and is_pairwise_file(file_columns(config.ratings)):
-        misplaced = [flag for key, flag in SCORE_ONLY_FLAGS.items() if key in config.model_fields_set]
-        if misplaced:
-            flags = ", ".join(misplaced)
-            raise FangzhiError(f"{config.ratings} is a pairwise votes file; {flags} apply only to a wide ratings file")
-        n_boot = config.bootstrap if "bootstrap" in config.model_fields_set else PAIRWISE_BOOTSTRAP
+        _reject_score_only_flags(config, f"{config.ratings} is a pairwise votes file", "a wide ratings file")
+        n_boot = pairwise_bootstrap(config)
         analyze_pairwise(
             config.ratings, config.out, reference_arm=config.baseline_arm, n_boot=n_boot, seed=config.seed,
             drop_bad_rows=config.drop_bad_rows, title_note=config.title_note,
@@ -368,6 +407,12 @@ def run_analyze(config: AnalyzeConfig) -> tuple[Path, Path]:
         return config.out, config.out / "pairwise_table.md"
     out = analyze(config)
     return out, out / "table2.md"
+
+
+def _reject_score_only_flags(config: AnalyzeConfig, what: str, only_for: str, allowed: frozenset[str] = frozenset()) -> None:
+    misplaced = [flag for key, flag in SCORE_ONLY_FLAGS.items() if key in config.model_fields_set and key not in allowed]
+    if misplaced:
+        raise FangzhiError(f"{what}; {', '.join(misplaced)} apply only to {only_for}")
 
 
 def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:

@@ -36,7 +36,7 @@ import streamlit as st
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import i18n, media, store, study
+from fangzhi.rating_app import i18n, media, pairwise_page, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
@@ -651,7 +651,11 @@ def main() -> None:
             rater = store.rater_for_token(con, token) if token else None
             lang = top_bar(settings.default_lang, rater.name if rater else None)
             page_frame(lang)
-            rater_flow(con, db, rater, settings.reference_paths, lang)
+            if settings.mode == "pairwise" and rater is not None:
+                parts = pairwise_page.AppParts(display_bytes, lambda max_side: padded_length(con, db, max_side), go_to, next_position)
+                pairwise_page.rater_flow(con, parts, rater, settings.reference_paths, lang)
+            else:
+                rater_flow(con, db, rater, settings.reference_paths, lang)
     except Exception:  # Streamlit's own error page is English only and may show server details
         traceback.print_exc()
         st.error(i18n.text("error", lang))

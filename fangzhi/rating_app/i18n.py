@@ -168,6 +168,41 @@ _TEXT: dict[str, dict[str, str]] = {
         "en": "You have rated every image and all your scores are saved. You may close this page.",
     },
     "review": {"zh": "返回检查我的评分", "en": "Review my scores"},
+    # ---- side-by-side (pairwise) studies ----
+    "pair_instructions": {
+        "zh": (
+            "您将逐次看到两幅并排的计算机生成图像，它们依据同一段文字生成；下方附有几幅目标风格的参考作品。\n\n"
+            "请就以下四个方面分别判断哪一幅更好：左图、右图，或两者一样：\n\n{dimensions}\n\n"
+            "请依据您的专业判断独立作答，不必猜测图像的来源。可随时点击“上一张”修改已保存的选择；"
+            "中途离开后再次打开链接，会从第一组未作答的图像继续。少数组合会再次出现（左右可能互换），"
+            "也有个别组合中一幅是空白图，请照常认真作答。"
+        ),
+        "en": (
+            "You will see two computer-generated images side by side, made from the same text, with a few reference "
+            "paintings of the target style below them.\n\n"
+            "For each of four questions, choose which image is better: left, right, or equal:\n\n{dimensions}\n\n"
+            "Please judge independently, from your own expertise; there is no need to guess where an image came from. "
+            "Use Back at any time to revise a saved choice; if you leave and open your link again you continue at the first "
+            "comparison you have not answered. A few comparisons come again (perhaps with the sides swapped), and in a few "
+            "one image is blank: please answer them as carefully as the rest."
+        ),
+    },
+    "pair_progress": {"zh": "已完成 {done} / {total} 组", "en": "{done} of {total} comparisons done"},
+    "pair_counter": {"zh": "第 {k} 组，共 {n} 组", "en": "Comparison {k} of {n}"},
+    "pair_left": {"zh": "左图", "en": "Left"},
+    "pair_right": {"zh": "右图", "en": "Right"},
+    "pair_choice_left": {"zh": "左图更好", "en": "Left is better"},
+    "pair_choice_right": {"zh": "右图更好", "en": "Right is better"},
+    "pair_choice_tie": {"zh": "一样", "en": "Equal"},
+    "pair_keyboard_hint": {
+        "zh": "键盘：1 或 ← 选左图，2 或 → 选右图，3 或 ↓ 选一样，并跳到下一题；↑ 回到上一题，Enter 保存并继续。",
+        "en": "Keyboard: 1 or ← left, 2 or → right, 3 or ↓ equal, each moving to the next question; ↑ goes back a question, Enter saves and goes on.",
+    },
+    "pair_thanks": {
+        "zh": "您已完成全部比较，选择均已保存。您可以关闭此页面，或在下方打开某一组修改。",
+        "en": "You have answered every comparison and all your choices are saved. You may close this page, or open one below to revise it.",
+    },
+    "pair_open": {"zh": "打开第几组", "en": "Open comparison number"},
 }
 
 

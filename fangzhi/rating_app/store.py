@@ -88,6 +88,7 @@ def _query_df(db: Database, sql: str, params: Iterable[Any] = ()) -> pd.DataFram
 # Changes when anything a reader sees changes: saves (also of a comment only), revisions, raters, revocations, unblinding.
 _CHANGE_SQL = """
 SELECT (SELECT coalesce(sum(saves), 0) FROM item_notes), (SELECT count(*) FROM score_audit),
+       (SELECT coalesce(sum(saves), 0) FROM comparison_notes), (SELECT count(*) FROM choice_audit),
        (SELECT count(*) FROM raters), (SELECT count(*) FROM revocations), (SELECT unblinded_at FROM study)
 """
 
@@ -172,6 +173,7 @@ class StudySettings:
     default_lang: str
     unblinded: bool
     reference_paths: tuple[str, ...]
+    mode: str = "absolute"  # or 'pairwise' (side-by-side preferences, `pairwise_page`)
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ def study_settings(db: Database) -> StudySettings:
     with _using(db) as con:
         lang, unblinded_at = con.execute("SELECT default_lang, unblinded_at FROM study").fetchone()
         references = con.execute("SELECT path FROM reference_images ORDER BY reference_id").fetchall()
-    return StudySettings(lang, unblinded_at is not None, tuple(p for (p,) in references))
+        (mode,) = con.execute("SELECT mode FROM study_mode").fetchone()
+    return StudySettings(lang, unblinded_at is not None, tuple(p for (p,) in references), mode)
 
 
 def rater_for_token(db: Database, token: str) -> Rater | None:

@@ -21,6 +21,8 @@ from fangzhi.errors import FangzhiError
 from fangzhi.generate.manifest import read_manifest as read_generation_manifest
 from fangzhi.rating_app import store
 from fangzhi.rating_app.i18n import LANGUAGES
+from fangzhi.rating_app.pairwise_design import PlannedComparison, plan_comparisons
+from fangzhi.studydb.schema import MODES
 
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_BASE_URL = "http://localhost:8501"
@@ -115,11 +117,7 @@ def read_rater_names(raters: str | Path | list[str]) -> list[str]:
 
 
 def plan_items(images: list[ManifestImage], qc_retest: int, qc_attention: int, rng: np.random.Generator) -> list[PlannedItem]:
-    """One rater's item order: every image once, plus QC items, never two of one (prompt, seed) back to back.
-
-    Built by a random greedy walk (pick any remaining item whose pair differs from the previous
-    one, and a repeat only after its first showing); a dead end restarts the walk.
-    """
+    """One rater's item order: every image once, plus QC items, never two of one (prompt, seed) back to back."""
     if qc_retest > len(images):
         raise FangzhiError(f"qc_retest={qc_retest} is more than the {len(images)} images in the manifest")
     items = [PlannedItem(image.image_id, "main", None, image.pair_key) for image in images]
@@ -129,22 +127,32 @@ def plan_items(images: list[ManifestImage], qc_retest: int, qc_attention: int, r
         image = images[rng.integers(len(images))]
         items.append(PlannedItem(image.image_id, "attention", int(rng.integers(1, 6)), image.pair_key))
 
+    return order_apart(items, rng, lambda item: item.image_id)
+
+
+def order_apart(items: list, rng: np.random.Generator, identity) -> list:
+    """A random order of `items` (each with `.pair_key` and `.kind`) with no two of one (prompt, seed) back to back
+    and every 'retest' item after the 'main' item of the same `identity`.
+
+    Built by a random greedy walk (pick any remaining item whose pair differs from the previous
+    one, and a repeat only after its first showing); a dead end restarts the walk.
+    """
     for _attempt in range(500):
         remaining = list(items)
-        order: list[PlannedItem] = []
-        shown: set[str] = set()
+        order: list = []
+        shown: set = set()
         while remaining:
             previous_pair = order[-1].pair_key if order else None
             candidates = [
                 i for i, item in enumerate(remaining)
-                if item.pair_key != previous_pair and (item.kind != "retest" or item.image_id in shown)
+                if item.pair_key != previous_pair and (item.kind != "retest" or identity(item) in shown)
             ]
             if not candidates:
                 break
             item = remaining.pop(candidates[rng.integers(len(candidates))])
             order.append(item)
             if item.kind == "main":
-                shown.add(item.image_id)
+                shown.add(identity(item))
         if not remaining:
             return order
     raise FangzhiError(
@@ -153,17 +161,34 @@ def plan_items(images: list[ManifestImage], qc_retest: int, qc_attention: int, r
     )
 
 
+def plan_pairwise(images: list[ManifestImage], qc_retest: int, qc_attention: int, rng: np.random.Generator) -> list[PlannedComparison]:
+    """One rater's comparisons of a pairwise study in order (see `pairwise_design`)."""
+    units: dict[tuple[str, int], dict[str, str]] = {}
+    for image in images:
+        units.setdefault(image.pair_key, {})[image.arm] = image.image_id
+    return order_apart(plan_comparisons(units, qc_retest, qc_attention, rng), rng, lambda c: c.identity)
+
+
 def _rater_seed(study_seed: int, rater_index: int) -> int:
     return int(np.random.SeedSequence([study_seed, rater_index]).generate_state(1)[0])
 
 
-def _insert_rater(con: duckdb.DuckDBPyConnection, name: str, study_seed: int, images: list[ManifestImage], qc_retest: int, qc_attention: int) -> str:
+def _insert_rater(
+    con: duckdb.DuckDBPyConnection, name: str, study_seed: int, images: list[ManifestImage], qc_retest: int, qc_attention: int, mode: str
+) -> str:
     token = secrets.token_urlsafe(24)
     rater_index = con.execute("SELECT count(*) FROM raters").fetchone()[0]
     seed = _rater_seed(study_seed, rater_index)
     rater_id = con.execute(
         "INSERT INTO raters (name, token_sha256, seed) VALUES (?, ?, ?) RETURNING rater_id", [name, store.hash_token(token), seed]
     ).fetchone()[0]
+    if mode == "pairwise":
+        comparisons = plan_pairwise(images, qc_retest, qc_attention, np.random.default_rng(seed))
+        con.executemany(
+            "INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [[rater_id, position, c.prompt_id, c.seed, c.left, c.right, c.kind] for position, c in enumerate(comparisons)],
+        )
+        return token
     order = plan_items(images, qc_retest, qc_attention, np.random.default_rng(seed))
     con.executemany(
         "INSERT INTO assignments VALUES (?, ?, ?, ?, ?)",
@@ -186,8 +211,11 @@ def create_study(
     qc_attention: int = 2,
     seed: int = 0,
     base_url: str = DEFAULT_BASE_URL,
+    mode: str = "absolute",
 ) -> list[tuple[str, str, str]]:
     """Create the study database `db`; returns (rater name, token, invitation link) per rater.
+
+    `mode` 'absolute': each image scored 1–5; 'pairwise': side-by-side comparisons (`pairwise_design`).
 
     Only sha256 hashes of the tokens are stored: the returned links are the one chance to keep them.
     """
@@ -196,20 +224,22 @@ def create_study(
         raise FangzhiError(f"{db}: already exists; choose a new file (an existing study and its ratings are never overwritten)")
     if lang not in LANGUAGES:
         raise FangzhiError(f"--lang {lang!r}: choose one of {', '.join(LANGUAGES)}")
+    if mode not in MODES:
+        raise FangzhiError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if qc_retest < 0 or qc_attention < 0:
         raise FangzhiError("qc_retest and qc_attention must be 0 or more")
     images = read_manifest(manifest)
     names = read_rater_names(raters)
     references = _reference_paths(reference_images)
     # Fail on an impossible order before anything is written.
-    plan_items(images, qc_retest, qc_attention, np.random.default_rng(seed))
+    (plan_pairwise if mode == "pairwise" else plan_items)(images, qc_retest, qc_attention, np.random.default_rng(seed))
 
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(db.name + ".tmp")
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp), config=studydb.DUCKDB_CONFIG)
     try:
-        studydb.create_schema(con)
+        studydb.create_schema(con, mode)
         con.execute(
             "INSERT INTO study (study_key, manifest, default_lang, seed, qc_retest, qc_attention) VALUES (1, ?, ?, ?, ?, ?)",
             [str(Path(manifest).resolve()), lang, seed, qc_retest, qc_attention],
@@ -222,7 +252,7 @@ def create_study(
         )
         if references:
             con.executemany("INSERT INTO reference_images VALUES (?, ?)", [[n, str(p)] for n, p in enumerate(references)])
-        tokens = [_insert_rater(con, name, seed, images, qc_retest, qc_attention) for name in names]
+        tokens = [_insert_rater(con, name, seed, images, qc_retest, qc_attention, mode) for name in names]
     except BaseException:
         con.close()
         tmp.unlink(missing_ok=True)
@@ -240,14 +270,14 @@ def add_rater(db: store.Database, name: str, base_url: str = DEFAULT_BASE_URL) -
         raise FangzhiError("a rater needs a non-empty name")
 
     def insert(con: duckdb.DuckDBPyConnection) -> str:
-        study_seed, qc_retest, qc_attention = con.execute("SELECT seed, qc_retest, qc_attention FROM study").fetchone()
+        study_seed, qc_retest, qc_attention, mode = con.execute("SELECT seed, qc_retest, qc_attention, mode FROM study, study_mode").fetchone()
         if con.execute("SELECT 1 FROM raters WHERE name = ?", [name]).fetchone():
             raise FangzhiError(f"a rater named {name!r} already exists")
         image_rows = con.execute(
             "SELECT i.image_id, i.arm, i.prompt_id, i.seed, i.path, p.prompt_en, p.narrative_zh FROM images i JOIN prompts p USING (prompt_id) ORDER BY i.image_id"
         ).fetchall()
         images = [ManifestImage(r[0], r[1], r[2], r[3], Path(r[4]), r[5], r[6]) for r in image_rows]
-        return _insert_rater(con, name, study_seed, images, qc_retest, qc_attention)
+        return _insert_rater(con, name, study_seed, images, qc_retest, qc_attention, mode)
 
     token = store._transaction(db, insert)
     return name, token, invitation_link(base_url, token)

@@ -6,6 +6,9 @@ analysis (two checks are a thin basis for discarding someone's work, and the rep
 failure); `fangzhi analyze --exclude-failed-attention N` removes raters with N or more failures.
 
 Test–retest: a repeated image is compared with the rater's first ('main') rating of it.
+
+Pairwise studies: an attention item shows an image beside a blank one; it is failed unless all four
+choices name the image's side. (Swapped-side repeats are scored by the preference analysis.)
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.studydb.schema import BLANK_SIDE
 
 
 def attention_failed(checks: pd.DataFrame) -> pd.Series:
@@ -64,3 +68,12 @@ def qc_results(ratings: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+def pairwise_attention_failures(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per rater of a pairwise study (its comparison rows, `read_study(...).rows`): attention items answered and failed."""
+    checks = rows.loc[(rows["kind"] == "attention") & rows[list(DIMENSION_KEYS)].notna().all(axis=1)]
+    expected = checks["left"].eq(BLANK_SIDE).map({True: "right", False: "left"})
+    failed = ~checks[list(DIMENSION_KEYS)].eq(expected, axis=0).all(axis=1)
+    summary = checks.assign(failed=failed).groupby("rater", sort=False)["failed"].agg(items="count", failures="sum")
+    return summary.reset_index().astype({"rater": str, "items": int, "failures": int})

@@ -7,6 +7,10 @@ exactly this table as its snapshot (Parquet, the study settings and the snapshot
 count in the file's key-value metadata), so a reader gets the same rows from the file or from the
 snapshot.
 
+A pairwise study's table has a row per rater × comparison instead (`COMPARISON_ROWS_SQL`: the arms
+shown left and right, the blank side of an attention item as `(blank)`, and the choice per dimension);
+`StudyRead.votes()` turns it into the long pairwise votes format.
+
 `read_study` opens the file read-only when it is free, and otherwise reads the snapshot and says so.
 """
 
@@ -26,7 +30,7 @@ import pyarrow.parquet as pq
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
 from fangzhi.studydb.connection import DUCKDB_CONFIG, require_study_file, snapshot_path
-from fangzhi.studydb.schema import stored_version
+from fangzhi.studydb.schema import BLANK_SIDE, stored_version, study_mode
 
 _SCORE_COLUMNS = ",\n".join(f"max(score) FILTER (WHERE dimension = '{k}') AS {k}" for k in DIMENSION_KEYS)
 
@@ -44,21 +48,57 @@ LEFT JOIN item_notes n USING (rater_id, position)
 ORDER BY a.rater_id, a.position
 """
 
+_CHOICE_COLUMNS = ",\n".join(f"max(choice) FILTER (WHERE dimension = '{k}') AS {k}" for k in DIMENSION_KEYS)
+
+COMPARISON_ROWS_SQL = f"""
+SELECT c.rater_id, r.name AS rater, v.rater_id IS NOT NULL AS revoked, v.revoked_at,
+       c.position, c.prompt_id AS prompt, c.seed, c.kind,
+       coalesce(li.arm, '{BLANK_SIDE}') AS "left", coalesce(ri.arm, '{BLANK_SIDE}') AS "right",
+       {", ".join(f"ch.{k}" for k in DIMENSION_KEYS)},
+       n.comment, n.seconds_spent, n.saves, n.first_saved_at, n.updated_at
+FROM comparisons c
+JOIN raters r USING (rater_id)
+LEFT JOIN images li ON li.image_id = c.left_image
+LEFT JOIN images ri ON ri.image_id = c.right_image
+LEFT JOIN revocations v USING (rater_id)
+LEFT JOIN (SELECT rater_id, position, {_CHOICE_COLUMNS} FROM choices GROUP BY rater_id, position) ch USING (rater_id, position)
+LEFT JOIN comparison_notes n USING (rater_id, position)
+ORDER BY c.rater_id, c.position
+"""
+VOTE_COLUMNS = ["rater", "prompt", "seed", "dimension", "left", "right", "choice", "kind", "revoked"]
+
 STUDY_SETTINGS_SQL = "SELECT manifest, default_lang, seed, qc_retest, qc_attention, created_at, unblinded_at FROM study"
-SAVES_SQL = "SELECT coalesce(sum(saves), 0)::BIGINT FROM item_notes"
+SAVES_SQL = {
+    "absolute": "SELECT coalesce(sum(saves), 0)::BIGINT FROM item_notes",
+    "pairwise": "SELECT coalesce(sum(saves), 0)::BIGINT FROM comparison_notes",
+}
+ROWS_SQL = {"absolute": STUDY_ROWS_SQL, "pairwise": COMPARISON_ROWS_SQL}
 SNAPSHOT_METADATA_KEY = "fangzhi_study_snapshot"
 RATING_COLUMNS = ["rater", "arm", "prompt", "seed", "image_id", "kind", *DIMENSION_KEYS, "expected", "revoked"]
 
 
-def study_rows(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    return con.execute(STUDY_ROWS_SQL).df()
+def study_rows(con: duckdb.DuckDBPyConnection, mode: str = "absolute") -> pd.DataFrame:
+    return con.execute(ROWS_SQL[mode]).df()
 
 
-def settings_row(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    """The `study` row as JSON-ready values (timestamps as ISO text)."""
+def settings_row(con: duckdb.DuckDBPyConnection, version: int) -> dict[str, Any]:
+    """The `study` row and the study's mode as JSON-ready values (timestamps as ISO text)."""
     row = con.execute(STUDY_SETTINGS_SQL).fetchone()
     settings = dict(zip([column for column, *_ in con.description], row))
+    settings["mode"] = study_mode(con, version)
     return {key: value.isoformat() if isinstance(value, datetime) else value for key, value in settings.items()}
+
+
+def votes_from_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """A pairwise study's saved choices in the long votes format (docs/formats.md, "Pairwise votes, long format"),
+    one row per rater × comparison × dimension, with `kind` and `revoked`."""
+    long = rows.melt(
+        id_vars=["rater", "prompt", "seed", "left", "right", "kind", "revoked", "position"], value_vars=list(DIMENSION_KEYS),
+        var_name="dimension", value_name="choice",
+    ).dropna(subset=["choice"])
+    long["dimension"] = pd.Categorical(long["dimension"], categories=list(DIMENSION_KEYS))
+    long = long.sort_values(["rater", "position", "dimension"], kind="stable")
+    return long[VOTE_COLUMNS].astype({"rater": str, "prompt": str, "seed": "int64", "dimension": str, "revoked": bool}).reset_index(drop=True)
 
 
 def ratings_from_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -92,15 +132,17 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> int:
     temporary = target.with_name(target.name + ".tmp")
     con.execute("BEGIN TRANSACTION")
     try:
-        saves = con.execute(SAVES_SQL).fetchone()[0]
+        version = stored_version(con, db_path)
+        mode = study_mode(con, version)
+        saves = con.execute(SAVES_SQL[mode]).fetchone()[0]
         metadata = {
-            "schema_version": stored_version(con, db_path),
+            "schema_version": version,
             "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "saves": saves,
-            "study": settings_row(con),
+            "study": settings_row(con, version),
         }
         literal = json.dumps(metadata, ensure_ascii=False).replace("'", "''")
-        con.execute(f"COPY ({STUDY_ROWS_SQL}) TO '{_sql_path(temporary)}' (FORMAT parquet, KV_METADATA {{{SNAPSHOT_METADATA_KEY}: '{literal}'}})")
+        con.execute(f"COPY ({ROWS_SQL[mode]}) TO '{_sql_path(temporary)}' (FORMAT parquet, KV_METADATA {{{SNAPSHOT_METADATA_KEY}: '{literal}'}})")
     except BaseException:
         con.execute("ROLLBACK")
         raise
@@ -123,8 +165,19 @@ class StudyRead:
     from_snapshot: bool
     saves: int
 
+    @property
+    def mode(self) -> str:
+        return self.settings.get("mode", "absolute")
+
     def ratings(self) -> pd.DataFrame:
+        if self.mode != "absolute":
+            raise FangzhiError(f"{self.source}: a {self.mode} study has votes, not 1–5 ratings")
         return ratings_from_rows(self.rows)
+
+    def votes(self) -> pd.DataFrame:
+        if self.mode != "pairwise":
+            raise FangzhiError(f"{self.source}: an {self.mode} study has 1–5 ratings, not pairwise votes")
+        return votes_from_rows(self.rows)
 
 
 def read_study(db_path: str | Path) -> StudyRead:
@@ -136,8 +189,9 @@ def read_study(db_path: str | Path) -> StudyRead:
         # Held by the rating app (or another program): its snapshot is the consistent copy to read.
         return _read_snapshot(db_path, reason=str(exc))
     with con:
-        stored_version(con, db_path)
-        return StudyRead(study_rows(con), settings_row(con), str(db_path), False, con.execute(SAVES_SQL).fetchone()[0])
+        version = stored_version(con, db_path)
+        mode = study_mode(con, version)
+        return StudyRead(study_rows(con, mode), settings_row(con, version), str(db_path), False, con.execute(SAVES_SQL[mode]).fetchone()[0])
 
 
 def _read_snapshot(db_path: Path, reason: str) -> StudyRead:
@@ -162,12 +216,12 @@ def _read_snapshot(db_path: Path, reason: str) -> StudyRead:
 
 
 def export_ratings(db_path: str | Path, out: str | Path) -> tuple[int, StudyRead]:
-    """Write the study's ratings to .csv or .parquet; returns the number of rows and what was read."""
+    """Write the study's ratings (a pairwise study: its votes, long format) to .csv or .parquet; returns the number of rows and what was read."""
     out = Path(out)
     if out.suffix not in (".csv", ".parquet"):
         raise FangzhiError(f"{out}: the export file must end in .csv or .parquet")
     study = read_study(db_path)
-    ratings = study.ratings()
+    ratings = study.votes() if study.mode == "pairwise" else study.ratings()
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
     if out.suffix == ".csv":

@@ -1,7 +1,9 @@
 """The study file's tables, its schema version, and the migrations that bring an older file up to date.
 
 Version 1 is the schema fangzhi wrote before the file carried a version (the same tables, no
-`schema_version`); version 2 adds `schema_version`. A file opened for writing is migrated in one
+`schema_version`); version 2 adds `schema_version`; version 3 adds the study's mode ('absolute' 1–5
+scores or 'pairwise' side-by-side preferences) and the pairwise tables (`PAIRWISE_TABLES_SQL`); an
+older file becomes an absolute study with empty pairwise tables. A file opened for writing is migrated in one
 transaction; readers accept every version they can read and name the version otherwise.
 """
 
@@ -15,7 +17,10 @@ import duckdb
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+PAIRWISE_SINCE = 3
+MODES = ("absolute", "pairwise")
+BLANK_SIDE = "(blank)"  # the arm name a pairwise attention item's blank side is exported under
 
 DATA_TABLES_SQL = f"""
 CREATE TABLE study (
@@ -100,22 +105,88 @@ CREATE TABLE item_notes (
 );
 """
 
+_DIMENSION_LIST = ", ".join(f"'{k}'" for k in DIMENSION_KEYS)
+
+# A pairwise study shows each rater comparisons of two images of one (prompt, seed). A side that is
+# NULL is the blank image the app draws itself: the attention items, whose right answer is the other side.
+PAIRWISE_TABLES_SQL = f"""
+CREATE TABLE study_mode (
+    study_key     INTEGER PRIMARY KEY CHECK (study_key = 1),  -- exactly one row
+    mode          VARCHAR NOT NULL CHECK (mode IN ('absolute', 'pairwise'))
+);
+CREATE TABLE comparisons (
+    rater_id      INTEGER NOT NULL REFERENCES raters (rater_id),
+    position      INTEGER NOT NULL CHECK (position >= 0),
+    prompt_id     VARCHAR NOT NULL REFERENCES prompts (prompt_id),
+    seed          BIGINT NOT NULL,
+    left_image    VARCHAR REFERENCES images (image_id),
+    right_image   VARCHAR REFERENCES images (image_id),
+    kind          VARCHAR NOT NULL CHECK (kind IN ('main', 'retest', 'attention')),
+    PRIMARY KEY (rater_id, position),
+    CHECK (left_image IS NOT NULL OR right_image IS NOT NULL),
+    CHECK ((kind = 'attention') = (left_image IS NULL OR right_image IS NULL)),
+    CHECK (left_image IS NULL OR right_image IS NULL OR left_image <> right_image)
+);
+CREATE TABLE choices (
+    rater_id      INTEGER NOT NULL,
+    position      INTEGER NOT NULL,
+    dimension     VARCHAR NOT NULL CHECK (dimension IN ({_DIMENSION_LIST})),
+    choice        VARCHAR NOT NULL CHECK (choice IN ('left', 'right', 'tie')),
+    updated_at    TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (rater_id, position, dimension),
+    FOREIGN KEY (rater_id, position) REFERENCES comparisons (rater_id, position)
+);
+CREATE SEQUENCE choice_audit_seq START 1;
+CREATE TABLE choice_audit (
+    audit_id      BIGINT PRIMARY KEY DEFAULT nextval('choice_audit_seq'),
+    rater_id      INTEGER NOT NULL,
+    position      INTEGER NOT NULL,
+    dimension     VARCHAR NOT NULL,
+    old_choice    VARCHAR,            -- NULL on the first save
+    new_choice    VARCHAR NOT NULL CHECK (new_choice IN ('left', 'right', 'tie')),
+    changed_at    TIMESTAMPTZ NOT NULL,
+    FOREIGN KEY (rater_id, position) REFERENCES comparisons (rater_id, position)
+);
+CREATE TABLE comparison_notes (
+    rater_id       INTEGER NOT NULL,
+    position       INTEGER NOT NULL,
+    comment        VARCHAR NOT NULL DEFAULT '',
+    seconds_spent  DOUBLE NOT NULL CHECK (seconds_spent >= 0),
+    saves          INTEGER NOT NULL CHECK (saves >= 1),
+    first_saved_at TIMESTAMPTZ NOT NULL,
+    updated_at     TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (rater_id, position),
+    FOREIGN KEY (rater_id, position) REFERENCES comparisons (rater_id, position)
+);
+"""
+
 VERSION_TABLE_SQL = "CREATE TABLE schema_version (version INTEGER NOT NULL);"
 
 
-def create_schema(con: duckdb.DuckDBPyConnection) -> None:
+def create_schema(con: duckdb.DuckDBPyConnection, mode: str = "absolute") -> None:
     """Every table of a new study file, stamped with the current schema version."""
     con.execute(DATA_TABLES_SQL)
+    con.execute(PAIRWISE_TABLES_SQL)
+    con.execute("INSERT INTO study_mode VALUES (1, ?)", [mode])
     con.execute(VERSION_TABLE_SQL)
     con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
 
 
 @cache
-def _data_columns() -> dict[str, frozenset[str]]:
-    """Table -> column names of the data tables, as DATA_TABLES_SQL makes them (identical in versions 1 and 2)."""
+def _data_columns(version: int) -> dict[str, frozenset[str]]:
+    """Table -> column names of the data tables of a file of `version` (versions 1 and 2 have the same ones)."""
     with duckdb.connect() as scratch:
         scratch.execute(DATA_TABLES_SQL)
+        if version >= PAIRWISE_SINCE:
+            scratch.execute(PAIRWISE_TABLES_SQL)
         return _columns(scratch)
+
+
+def study_mode(con: duckdb.DuckDBPyConnection, version: int) -> str:
+    """'absolute' or 'pairwise'; files older than version 3 hold absolute studies."""
+    if version < PAIRWISE_SINCE:
+        return "absolute"
+    return con.execute("SELECT mode FROM study_mode").fetchone()[0]
 
 
 def _columns(con: duckdb.DuckDBPyConnection) -> dict[str, frozenset[str]]:
@@ -139,7 +210,7 @@ def stored_version(con: duckdb.DuckDBPyConnection, path: str | Path) -> int:
             f"{path}: made by a newer fangzhi (study schema version {version}; this fangzhi reads versions 1–{SCHEMA_VERSION}). "
             "Upgrade fangzhi to open it; the file is left as it is."
         )
-    missing = [f"{table}.{column}" for table, columns in _data_columns().items() for column in sorted(columns - present.get(table, frozenset()))]
+    missing = [f"{table}.{column}" for table, columns in _data_columns(version).items() for column in sorted(columns - present.get(table, frozenset()))]
     if missing:
         raise FangzhiError(
             f"{path}: study schema version {version} but missing {', '.join(missing)}; the file was made by an early development "
@@ -155,9 +226,13 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str | Path) -> int:
         return version
     con.execute("BEGIN TRANSACTION")
     try:
-        # 1 -> 2: the data tables are unchanged; the file now says which version it is.
-        con.execute(VERSION_TABLE_SQL)
-        con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+        if version < 2:  # 1 -> 2: the data tables are unchanged; the file now says which version it is.
+            con.execute(VERSION_TABLE_SQL)
+            con.execute("INSERT INTO schema_version VALUES (?)", [version])
+        # 2 -> 3: an absolute study, with the (empty) pairwise tables.
+        con.execute(PAIRWISE_TABLES_SQL)
+        con.execute("INSERT INTO study_mode VALUES (1, 'absolute')")
+        con.execute("UPDATE schema_version SET version = ?", [SCHEMA_VERSION])
     except BaseException:
         con.execute("ROLLBACK")
         raise

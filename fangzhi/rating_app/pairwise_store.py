@@ -1,0 +1,144 @@
+"""What the rating app reads and writes for a pairwise (side-by-side) study.
+
+The same rules as `store` for absolute studies: the app's one connection (a `store.StudyServer`
+cursor, or a study path for tools and tests), one transaction per save holding the four choices
+(an upsert, so saving the same answers again changes nothing but the save count), audit rows of
+what changed, and the comparison's comment and time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.errors import FangzhiError
+from fangzhi.rating_app.store import Database, _placeholders, _query_df, _transaction, _using
+from fangzhi.studydb.schema import BLANK_SIDE
+
+CHOICES: tuple[str, ...] = ("left", "right", "tie")
+
+
+@dataclass(frozen=True)
+class ComparisonView:
+    """One comparison as the page needs it. Paths stay on the server (None: the blank image); only pixels leave."""
+
+    position: int
+    left_path: str | None
+    right_path: str | None
+    narrative_zh: str
+    prompt_en: str
+    choices: dict[str, str]
+    comment: str
+
+
+def comparison_view(db: Database, rater_id: int, position: int) -> ComparisonView:
+    with _using(db) as con:
+        row = con.execute(
+            """
+            SELECT li.path, ri.path, p.narrative_zh, p.prompt_en, coalesce(n.comment, '')
+            FROM comparisons c
+            JOIN prompts p USING (prompt_id)
+            LEFT JOIN images li ON li.image_id = c.left_image
+            LEFT JOIN images ri ON ri.image_id = c.right_image
+            LEFT JOIN comparison_notes n USING (rater_id, position)
+            WHERE c.rater_id = ? AND c.position = ?
+            """,
+            [rater_id, position],
+        ).fetchone()
+        if row is None:
+            raise FangzhiError(f"rater {rater_id} has no comparison at position {position}")
+        choices = dict(con.execute("SELECT dimension, choice FROM choices WHERE rater_id = ? AND position = ?", [rater_id, position]).fetchall())
+    left, right, narrative_zh, prompt_en, comment = row
+    return ComparisonView(position, left, right, narrative_zh, prompt_en, choices, comment)
+
+
+def completed_comparisons(db: Database, rater_id: int) -> list[bool]:
+    """For each of the rater's comparisons in order: are all four dimensions answered?"""
+    with _using(db) as con:
+        rows = con.execute(
+            """
+            SELECT c.position, count(ch.dimension) = ? FROM comparisons c LEFT JOIN choices ch USING (rater_id, position)
+            WHERE c.rater_id = ? GROUP BY c.position ORDER BY c.position
+            """,
+            [len(DIMENSION_KEYS), rater_id],
+        ).fetchall()
+    return [complete for _, complete in rows]
+
+
+def save_choices(db: Database, rater_id: int, position: int, choices: Mapping[str, str], comment: str = "", seconds: float = 0.0) -> None:
+    """Save one comparison's four choices, comment and time in one transaction; changes go to choice_audit."""
+    if set(choices) != set(DIMENSION_KEYS):
+        raise FangzhiError(f"a save needs exactly the choices {list(DIMENSION_KEYS)}, got {sorted(choices)}")
+    for dimension, choice in choices.items():
+        if choice not in CHOICES:
+            raise FangzhiError(f"choice for {dimension!r} must be one of {', '.join(CHOICES)}, got {choice!r}")
+
+    def work(con: duckdb.DuckDBPyConnection) -> None:
+        allowed = con.execute(
+            "SELECT 1 FROM comparisons ANTI JOIN revocations USING (rater_id) WHERE rater_id = ? AND position = ?", [rater_id, position]
+        ).fetchone()
+        if allowed is None:
+            raise FangzhiError(f"rater {rater_id} cannot save comparison {position} (no such comparison, or the rater was revoked)")
+        now = con.execute("SELECT current_timestamp").fetchone()[0]
+        old = dict(con.execute("SELECT dimension, choice FROM choices WHERE rater_id = ? AND position = ?", [rater_id, position]).fetchall())
+        con.execute(
+            f"""
+            INSERT INTO choices VALUES {_placeholders(len(choices), 5)}
+            ON CONFLICT (rater_id, position, dimension) DO UPDATE SET choice = excluded.choice, updated_at = excluded.updated_at
+            """,
+            [value for dimension, choice in choices.items() for value in (rater_id, position, dimension, choice, now)],
+        )
+        changes = [(rater_id, position, d, old.get(d), c, now) for d, c in choices.items() if old.get(d) != c]
+        if changes:
+            con.execute(
+                "INSERT INTO choice_audit (rater_id, position, dimension, old_choice, new_choice, changed_at) "
+                f"VALUES {_placeholders(len(changes), 6)}",
+                [value for change in changes for value in change],
+            )
+        con.execute(
+            """
+            INSERT INTO comparison_notes VALUES (?, ?, ?, ?, 1, ?, ?)
+            ON CONFLICT (rater_id, position) DO UPDATE SET
+                comment = excluded.comment,
+                seconds_spent = comparison_notes.seconds_spent + excluded.seconds_spent,
+                saves = comparison_notes.saves + 1,
+                updated_at = excluded.updated_at
+            """,
+            [rater_id, position, comment, max(0.0, float(seconds)), now, now],
+        )
+
+    _transaction(db, work, turn=("rater", rater_id))
+
+
+def list_comparisons(db: Database) -> pd.DataFrame:
+    """Every rater's comparisons with the arms on each side (unblinded!): for simulated raters and tests."""
+    return _query_df(
+        db,
+        f"""
+        SELECT r.name AS rater, c.position, c.prompt_id AS prompt, c.seed, c.kind,
+               coalesce(li.arm, '{BLANK_SIDE}') AS left_arm, coalesce(ri.arm, '{BLANK_SIDE}') AS right_arm
+        FROM comparisons c JOIN raters r USING (rater_id)
+        LEFT JOIN images li ON li.image_id = c.left_image LEFT JOIN images ri ON ri.image_id = c.right_image
+        ORDER BY r.rater_id, c.position
+        """,
+    )
+
+
+def add_votes(db: Database, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Save comparisons given as dicts {rater, position, style, match, detail, beauty[, comment, seconds]} (choices
+    as left/right/tie) through `save_choices`, the app's own save path. Returns the number saved."""
+    with _using(db) as con:
+        rater_ids = dict(con.execute("SELECT name, rater_id FROM raters").fetchall())
+        saved = 0
+        for row in rows:
+            if row["rater"] not in rater_ids:
+                raise FangzhiError(f"no rater named {row['rater']!r} in this study")
+            choices = {key: row[key] for key in DIMENSION_KEYS}
+            save_choices(con, rater_ids[row["rater"]], int(row["position"]), choices, row.get("comment", ""), row.get("seconds", 0.0))
+            saved += 1
+    return saved

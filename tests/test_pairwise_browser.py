@@ -1,0 +1,122 @@
+"""The pairwise page in a real browser (Debian's chromium via Playwright, as tests/test_rating_browser.py): the two images
+side by side at equal size on a desktop and stacked on a phone, three comparisons answered by keyboard alone
+(← → ↓ and 1 2 3, Enter saves), and every page state, media response and websocket frame scanned for anything
+that would tell which side is which arm. Screenshots go to results/screens/pairwise_*.png."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+
+from fangzhi import studydb
+from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.rating_app import sample, serve, store, study
+
+from test_rating_browser import DESKTOP, PHONE, browser, forbidden_strings, free_port, shot, wait_until_healthy  # noqa: F401 (browser: a fixture)
+
+ARMS = ("base", "lora_a", "lora_b")
+SIDE_IMAGES = ".st-key-pair-left img, .st-key-pair-right img"
+
+
+@pytest.fixture(scope="module")
+def pairwise_app(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairwise_browser")
+    manifest = sample.write_sample_manifest(folder / "generation", n_prompts=3, arms=ARMS)
+    references = sample.write_sample_references(folder / "references", count=3)
+    db = folder / "study.duckdb"
+    links = study.create_study(manifest, db, ["alice", "bob"], reference_images=references, qc_retest=1, qc_attention=1, mode="pairwise")
+    port = free_port()
+    log_path = folder / "streamlit.log"
+    server = subprocess.Popen(serve.streamlit_command("127.0.0.1", port), env=serve.streamlit_env(db), stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(url, server, log_path)
+    yield {"db": db, "manifest": manifest, "url": url, "tokens": {name: token for name, token, _ in links}, "server": server}
+    if server.poll() is None:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def wait_for_comparison(page, position: int) -> None:
+    page.locator(f'.fz-pair[data-item="{position}"]').wait_for(state="attached")
+    page.locator(f".st-key-{position}-{DIMENSION_KEYS[0]}").wait_for(state="attached")
+    page.wait_for_function(f"() => [...document.querySelectorAll('{SIDE_IMAGES}')].filter((i) => i.complete && i.naturalWidth > 0).length === 2")
+    page.wait_for_function("() => document.querySelectorAll('.st-key-questions [data-testid=stRadio]').length === 4")
+
+
+def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, browser):  # noqa: F811
+    frames: list[bytes] = []
+    media_urls: list[str] = []
+    media: list[tuple[str, bytes]] = []
+    side_urls: list[tuple[str, str]] = []
+    doms: list[str] = []
+
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.on("websocket", lambda ws: [ws.on(e, lambda p: frames.append(p if isinstance(p, bytes) else p.encode())) for e in ("framereceived", "framesent")])
+    page.on("response", lambda r: media_urls.append(r.url) if urllib.parse.urlparse(r.url).path.startswith("/media/") else None)
+
+    def snapshot() -> None:
+        doms.append(page.content())
+        side_urls.append(tuple(urllib.parse.urlparse(page.locator(f".st-key-pair-{s} img").get_attribute("src")).path for s in ("left", "right")))
+        while media_urls:
+            response = page.request.get(media_urls.pop())
+            if response.status == 200:
+                media.append((urllib.parse.urlparse(response.url).path, response.body()))
+
+    page.goto(f"{pairwise_app['url']}/?token={pairwise_app['tokens']['alice']}")
+    page.get_by_role("button", name="开始评分").click()
+    keys = [["ArrowLeft", "ArrowRight", "ArrowDown", "1"], ["2", "3", "ArrowLeft", "ArrowRight"], ["ArrowDown", "ArrowDown", "2", "1"]]
+    expected = [["left", "right", "tie", "left"], ["right", "tie", "left", "right"], ["tie", "tie", "right", "left"]]
+    for k, presses in enumerate(keys):
+        wait_for_comparison(page, k)
+        left, right = (page.locator(f".st-key-pair-{s} img").bounding_box() for s in ("left", "right"))
+        # Side by side, at the same size and height.
+        assert left["x"] + left["width"] <= right["x"] and abs(left["y"] - right["y"]) < 2
+        assert abs(left["width"] - right["width"]) < 2 and abs(left["height"] - right["height"]) < 2
+        if k == 0:
+            shot(page, "pairwise_desktop")
+        # One comparison, one screen: the images, the four questions and Save without scrolling.
+        save = page.get_by_role("button", name="保存并继续").bounding_box()
+        assert save["y"] + save["height"] <= DESKTOP["height"] and left["height"] > 300
+        snapshot()
+        for key in presses:
+            page.keyboard.press(key)
+        assert page.locator(".st-key-questions input[type=radio]:checked").count() == 4
+        page.keyboard.press("Enter")
+    wait_for_comparison(page, 3)
+    snapshot()
+    context.close()
+
+    # On a phone the two images stack, left first.
+    phone = browser.new_context(viewport=PHONE).new_page()
+    phone.set_default_timeout(30_000)
+    phone.goto(f"{pairwise_app['url']}/?token={pairwise_app['tokens']['bob']}&item=1")
+    wait_for_comparison(phone, 0)
+    left, right = (phone.locator(f".st-key-pair-{s} img").bounding_box() for s in ("left", "right"))
+    assert left["y"] + left["height"] <= right["y"] + 1 and abs(left["width"] - right["width"]) < 2
+    shot(phone, "pairwise_phone")
+    phone.context.close()
+
+    time.sleep(2 * store.SNAPSHOT_INTERVAL_SECONDS)
+    read = studydb.read_study(pairwise_app["db"])  # while the app serves: its snapshot
+    assert read.from_snapshot and read.mode == "pairwise"
+    own = read.rows[read.rows["rater"] == "alice"].sort_values("position").head(3)
+    assert [[row[key] for key in DIMENSION_KEYS] for _, row in own.iterrows()] == expected
+    assert pairwise_app["server"].poll() is None
+
+    # Leak scan: nothing in the DOM, websocket frames or media names an arm, an image, a file or a seed.
+    assert frames and media and doms
+    assert "黄昏时分宁静的水乡".encode() in b"".join(frames)  # positive control
+    everything = [("dom", d.encode()) for d in doms] + [("frame", f) for f in frames] + [("media", body) for _, body in media]
+    for secret in forbidden_strings(pairwise_app["manifest"]):
+        for source, blob in everything:
+            assert secret.encode() not in blob, f"{secret!r} reached the browser in a {source}"
+    lengths = dict(media)
+    for left_url, right_url in side_urls:
+        if left_url in lengths and right_url in lengths:
+            assert len(lengths[left_url]) == len(lengths[right_url])
+    assert any(left in lengths and right in lengths for left, right in side_urls)
