@@ -77,8 +77,8 @@ class SimulatedRater:
         self.cookie = ""
 
     def load_page(self) -> None:
-        """What a browser does first: fetch the page, and with it the XSRF cookie the app's images are bound to."""
-        with urllib.request.urlopen(f"{self.base_url}/?{self.query_string}", timeout=30) as response:
+        """What the page does before it opens the websocket: ask /_stcore/health, whose answer sets the XSRF cookie the app's images are bound to."""
+        with urllib.request.urlopen(f"{self.base_url}/_stcore/health", timeout=30) as response:
             self.cookie = "; ".join(c.split(";", 1)[0] for c in response.headers.get_all("Set-Cookie") or [])
 
     async def rerun(self, ws, states: list[WidgetState]) -> None:
