@@ -313,7 +313,7 @@ def shown_size(locator) -> tuple[float, float]:
 def test_reference_painting_zooms_beside_the_rated_image(live_app, browser, viewport):
     page = open_rater(browser, live_app["url"], live_app["tokens"]["dave"], viewport=viewport)
     name = "desktop" if viewport is DESKTOP else "phone"
-    page.locator(".fz-reference").nth(2).click()
+    page.get_by_role("button", name="参考作品 3 / 8").click()  # the thumbnails are named buttons
     zoom = page.locator(".fz-zoom")
     zoom.wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('.fz-zoom img')].every(i => i.complete && i.naturalWidth > 0)")

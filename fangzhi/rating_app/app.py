@@ -288,7 +288,8 @@ def study_server(db: str) -> store.StudyServer:
     return store.StudyServer(db)
 
 
-@st.cache_data(show_spinner=False, max_entries=1024)
+# A resource, not data: every session's image ticket then holds the one shared (immutable) bytes object, not a copy.
+@st.cache_resource(show_spinner=False, max_entries=1024)
 def display_bytes(path: str, max_side: int) -> bytes:
     return media.encode_for_display(path, max_side)
 
@@ -538,8 +539,9 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
             with st.container(key="references"):
                 # Thumbnails of the paintings sent at zoom size; the page script opens the zoom view on a click.
                 buttons = "".join(
-                    f'<button type="button" class="fz-reference"><img src="{media_url(("reference", path), lambda path=path: display_bytes(path, media.REFERENCE_MAX_SIDE))}" alt=""></button>'
-                    for path in references
+                    f'<button type="button" class="fz-reference" aria-label="{_attribute(i18n.text("zoom_reference", lang, k=k, n=len(references)))}">'
+                    f'<img src="{media_url(("reference", path), lambda path=path: display_bytes(path, media.REFERENCE_MAX_SIDE))}" alt=""></button>'
+                    for k, path in enumerate(references, start=1)
                 )
                 labels = {"rated": i18n.text("zoom_rated", lang), "reference": i18n.text("zoom_reference", lang, k="{k}", n="{n}"), "close": i18n.text("zoom_close", lang)}
                 st.html(
