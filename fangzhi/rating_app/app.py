@@ -208,13 +208,11 @@ PAGE_SCRIPT = r"""
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (!marker() || e.ctrlKey || e.metaKey || e.altKey) return;
-    if ((e.key === 'z' || e.key === 'Z') && !(t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio')))) {
+    if (t && (t.tagName === 'TEXTAREA' || t.isContentEditable || (t.tagName === 'INPUT' && t.type !== 'radio'))) return;
+    if (e.key === 'z' || e.key === 'Z') {
       openZoom(0);
       e.preventDefault();
-      return;
-    }
-    if (t && (t.tagName === 'TEXTAREA' || t.isContentEditable || (t.tagName === 'INPUT' && t.type !== 'radio'))) return;
-    if (e.key >= '1' && e.key <= '5') {
+    } else if (e.key >= '1' && e.key <= '5') {
       const q = questions()[current];
       if (!q) return;
       choose(q, Number(e.key) - 1);
