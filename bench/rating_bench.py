@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -39,9 +40,10 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 
 from fangzhi import studydb
 from fangzhi.dimensions import DIMENSIONS
-from fangzhi.rating_app import sample, serve, store, study
+from fangzhi.rating_app import media_access, sample, serve, store, study
 
 EXPORT_EVERY_SECONDS = 2.0
+IMAGE_SRC = re.compile(rf'src="({media_access.ROUTE}/[^"]+)"')
 
 
 def free_port() -> int:
@@ -64,7 +66,7 @@ def wait_for_health(url: str, server: subprocess.Popen, timeout: float = 60) -> 
 
 
 class SimulatedRater:
-    """One browser tab, as far as the server can tell."""
+    """One browser tab, as far as the server can tell: with the browser's cookie, which images are handed out to."""
 
     def __init__(self, base_url: str, token: str):
         self.base_url = base_url
@@ -72,6 +74,12 @@ class SimulatedRater:
         self.widgets: dict[str, object] = {}  # label -> element proto (radio/button) of the last page
         self.image_urls: list[str] = []
         self.fetched: set[str] = set()
+        self.cookie = ""
+
+    def load_page(self) -> None:
+        """What the page does before it opens the websocket: ask /_stcore/health, whose answer sets the XSRF cookie the app's images are bound to."""
+        with urllib.request.urlopen(f"{self.base_url}/_stcore/health", timeout=30) as response:
+            self.cookie = "; ".join(c.split(";", 1)[0] for c in response.headers.get_all("Set-Cookie") or [])
 
     async def rerun(self, ws, states: list[WidgetState]) -> None:
         message = BackMsg()
@@ -95,8 +103,8 @@ class SimulatedRater:
                 if which in ("radio", "button"):
                     widget = getattr(element, which)
                     self.widgets[widget.label] = widget
-                elif which == "imgs":
-                    self.image_urls += [image.url for image in element.imgs.imgs]
+                elif which == "html":
+                    self.image_urls += IMAGE_SRC.findall(element.html.body)
                 elif which == "exception":
                     raise RuntimeError(f"the app raised: {element.exception.message}")
             elif kind == "script_finished" and forward.script_finished == ForwardMsg.FINISHED_SUCCESSFULLY:
@@ -105,8 +113,9 @@ class SimulatedRater:
     def download_new_images(self) -> list[int]:
         sizes = []
         for url in self.image_urls:
-            if url not in self.fetched:  # a browser caches media by URL, which is a content hash
-                sizes.append(len(urllib.request.urlopen(self.base_url + url, timeout=30).read()))
+            if url not in self.fetched:  # a browser caches images by URL (one per session and image)
+                request = urllib.request.Request(f"{self.base_url}/{url}", headers={"Cookie": self.cookie})
+                sizes.append(len(urllib.request.urlopen(request, timeout=30).read()))
                 self.fetched.add(url)
         return sizes
 
@@ -119,7 +128,8 @@ class SimulatedRater:
 
     async def run(self, saves: int, think_seconds: float, results: dict) -> None:
         ws_url = self.base_url.replace("http", "ws", 1) + "/_stcore/stream"
-        async with websockets.connect(ws_url, subprotocols=["streamlit"], max_size=None) as ws:
+        await asyncio.to_thread(self.load_page)
+        async with websockets.connect(ws_url, subprotocols=["streamlit"], max_size=None, additional_headers={"Cookie": self.cookie}) as ws:
             await self.rerun(ws, [])
             await self.rerun(ws, [self.button("开始评分")])
             first_item_images = await asyncio.to_thread(self.download_new_images)

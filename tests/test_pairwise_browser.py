@@ -57,7 +57,7 @@ def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, b
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.on("websocket", lambda ws: [ws.on(e, lambda p: frames.append(p if isinstance(p, bytes) else p.encode())) for e in ("framereceived", "framesent")])
-    page.on("response", lambda r: media_urls.append(r.url) if urllib.parse.urlparse(r.url).path.startswith("/media/") else None)
+    page.on("response", lambda r: media_urls.append(r.url) if urllib.parse.urlparse(r.url).path.startswith(("/media/", "/fz-media/")) else None)
 
     def snapshot() -> None:
         doms.append(page.content())

@@ -241,7 +241,7 @@ def test_pairwise_page_save_revise_and_blinding(pairwise_app):
     with studydb.connect(db) as con:
         paths = [p for (p,) in con.execute("SELECT path FROM images").fetchall()]
     length = max(len(media.encode_for_display(p)) for p in paths)
-    parts = pairwise_page.AppParts(media.encode_for_display, lambda max_side: length, None, None)
+    parts = pairwise_page.AppParts(media.encode_for_display, lambda max_side: length, None, None, None, None)
     view = pairwise_store.comparison_view(db, alice, attention)
     served = [pairwise_page.side_image(parts, view, side, media.ITEM_MAX_SIDE) for side in pairwise_page.SIDES]
     assert len(served[0]) == len(served[1]) == length

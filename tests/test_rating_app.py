@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,12 +16,13 @@ import streamlit as st
 from pydantic import ValidationError
 from PIL import Image, ImageFilter
 from streamlit.testing.v1 import AppTest
+from streamlit.web.server.starlette.starlette_app_utils import generate_xsrf_token_string
 
 from fangzhi import studydb
 from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import media, sample, store, study
+from fangzhi.rating_app import media, media_access, sample, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, RateConfig, streamlit_command
 
 APP = Path(study.__file__).with_name("app.py")
@@ -256,10 +258,29 @@ def test_served_byte_lengths_do_not_tell_the_arms_apart(tmp_path, manifest):
     for original, padded in zip(encoded, served):
         shown = Image.open(io.BytesIO(padded))
         assert shown.format == "JPEG" and shown.tobytes() == Image.open(io.BytesIO(original)).tobytes()
-    # Another session's copy of one image differs byte for byte (and so does its Streamlit media URL).
+    # Another session's copy of one image differs byte for byte.
     assert media.pad(encoded[0], length, b"other-session0") != served[0]
     with pytest.raises(ValueError, match="cannot be padded"):
         media.pad(encoded[0], len(encoded[0]) - 1, b"k")
+
+
+def test_image_tickets_are_redeemed_only_by_the_browser_they_were_issued_to():
+    """The route's rule (the browser test checks it through the real server and Chromium)."""
+    tickets = media_access.Tickets()
+    alice_token, bob_token = os.urandom(16), os.urandom(16)
+    # The cookie is masked afresh on every page load; the token under the mask is what counts.
+    alice_cookies = [generate_xsrf_token_string(alice_token) for _ in range(2)]
+    assert alice_cookies[0] != alice_cookies[1]
+    ticket = tickets.issue(media_access.browser_key(alice_cookies[0]), b"jpeg bytes")
+    assert tickets.body_for(ticket, media_access.browser_key(alice_cookies[1])) == b"jpeg bytes"
+    assert tickets.body_for(ticket, media_access.browser_key(generate_xsrf_token_string(bob_token))) is None
+    assert tickets.body_for(ticket, media_access.browser_key(None)) is None
+    assert tickets.body_for(ticket, media_access.browser_key("not a cookie")) is None
+    assert tickets.body_for("another-ticket", alice_token) is None
+    # A ticket issued without a cookie is never redeemed.
+    assert tickets.body_for(tickets.issue(b"", b"x"), media_access.browser_key("")) is None
+    tickets.revoke([ticket])
+    assert tickets.body_for(ticket, alice_token) is None
 
 
 # ---- storage under load and crashes ---------------------------------------------------------

@@ -4,8 +4,9 @@ At 1440×900 and 390×844: the item and its first question on one screen, also r
 five items rated by keyboard alone; a double click on Save; one link in two tabs; Markdown and HTML
 in the prompt texts and a rater's name shown literally, with a local HTTP server that must receive
 nothing; the review page revising item 3; `fangzhi rate` stopped by SIGTERM (port free at once) and
-started again, with the rater's unsaved choices still there. Every page state, media response and
-websocket frame is scanned for anything that would unblind the study.
+started again, with the rater's unsaved choices still there; a reference painting zoomed beside the
+rated image; image URLs that work only in the browser they were served to. Every page state, image
+response and websocket frame is scanned for anything that would unblind the study.
 
 Screenshots go to results/screens/ for a person to look at; Save → next item times measured in the
 browser go to results/screens/save_to_next_item.json.
@@ -140,7 +141,8 @@ def live_app(study_db):
         """The app lets go of the study file when it stops; only then may this process open it."""
         if server.poll() is None:
             server.terminate()
-            assert server.wait(timeout=20) == 0
+            # A graceful stop; the server (uvicorn) then ends by raising the signal again.
+            assert server.wait(timeout=20) in (0, -signal.SIGTERM)
 
     yield {**study_db, "url": url, "server": server, "stop": stop}
     stop()
@@ -299,17 +301,51 @@ def test_phone_image_first_then_questions(live_app, browser):
     assert checked_count(page) == 2
 
 
-def test_reference_painting_opens_full_size(live_app, browser):
-    page = open_rater(browser, live_app["url"], live_app["tokens"]["dave"])
-    reference = page.locator(".st-key-references img").first
-    reference.hover()
-    page.locator(".st-key-references").get_by_role("button", name=re.compile("full ?screen", re.I)).first.click()
-    page.wait_for_timeout(500)
-    shot(page, "desktop_reference_full_screen")
-    largest = page.evaluate("Math.max(...[...document.querySelectorAll('img')].map(i => i.getBoundingClientRect().width))")
-    natural = reference.evaluate("i => i.naturalWidth")
-    assert natural == 512  # the sample paintings' own size (larger ones are sent at 1024 px)
-    assert largest >= 512
+def shown_size(locator) -> tuple[float, float]:
+    """The size an <img> with object-fit: contain is drawn at inside its box."""
+    return tuple(locator.evaluate(
+        "i => { const r = i.getBoundingClientRect(), s = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight);"
+        " return [i.naturalWidth * s, i.naturalHeight * s]; }"
+    ))
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_reference_painting_zooms_beside_the_rated_image(live_app, browser, viewport):
+    page = open_rater(browser, live_app["url"], live_app["tokens"]["dave"], viewport=viewport)
+    name = "desktop" if viewport is DESKTOP else "phone"
+    page.get_by_role("button", name="参考作品 3 / 8").click()  # the thumbnails are named buttons
+    zoom = page.locator(".fz-zoom")
+    zoom.wait_for()
+    page.wait_for_function("() => [...document.querySelectorAll('.fz-zoom img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot(page, f"{name}_reference_zoom")
+    rated, reference = zoom.locator(".fz-zoom-rated img"), zoom.locator(".fz-zoom-reference img")
+    source = "i => i.src"
+    assert rated.evaluate(source) == page.locator(".st-key-item-image img").evaluate(source)
+    assert reference.evaluate(source) == page.locator(".fz-reference img").nth(2).evaluate(source)
+    assert "3 / 8" in zoom.inner_text()
+    # Sent at full size (the sample paintings are 512 px; larger ones are sent at 1024), and drawn large.
+    assert reference.evaluate("i => i.naturalWidth") == 512
+    (rated_box, reference_box) = (rated.bounding_box(), reference.bounding_box())
+    if viewport is DESKTOP:  # side by side, each about half the screen
+        assert reference_box["x"] >= rated_box["x"] + rated_box["width"]
+        assert min(shown_size(rated)) >= 600 and min(shown_size(reference)) >= 600
+    else:  # stacked, each the phone's width
+        assert reference_box["y"] >= rated_box["y"] + rated_box["height"]
+        assert min(shown_size(rated)) >= 340 and min(shown_size(reference)) >= 340
+    assert within_viewport(page, rated) and within_viewport(page, reference)
+    # The arrows move through the paintings; keys score nothing behind the view; Escape closes it.
+    page.keyboard.press("ArrowRight")
+    assert "4 / 8" in page.locator(".fz-zoom").inner_text()
+    page.keyboard.press("3")
+    page.keyboard.press("Escape")
+    zoom.wait_for(state="detached")
+    assert checked_count(page) == 0
+    # From the keyboard too: Z opens the first painting.
+    page.keyboard.press("z")
+    assert "1 / 8" in page.locator(".fz-zoom").inner_text()
+    page.keyboard.press("Escape")
+    zoom.wait_for(state="detached")
+    page.context.close()
 
 
 # ---- saves that never surprise ---------------------------------------------------------------
@@ -425,22 +461,40 @@ def test_two_tabs_on_one_link_never_overwrite_silently(live_app, browser):
     context.close()
 
 
+def media_urls_of(page) -> list[str]:
+    """Absolute URLs of the item image and the reference paintings on the page."""
+    return page.evaluate("[...document.querySelectorAll('.st-key-item-image img, .fz-reference img')].map(i => i.src)")
+
+
 def test_media_urls_belong_to_one_session_and_end_with_the_item(live_app, browser, playwright_request):
     first = open_rater(browser, live_app["url"], live_app["tokens"]["grace"])
     second = open_rater(browser, live_app["url"], live_app["tokens"]["grace"])  # another browser, same rater
-    url_first, url_second = (p.locator(".st-key-item-image img").get_attribute("src") for p in (first, second))
+    other_rater = open_rater(browser, live_app["url"], live_app["tokens"]["frank"])
+    url_first, url_second = (p.evaluate("document.querySelector('.st-key-item-image img').src") for p in (first, second))
     body_first, body_second = (p.request.get(u).body() for p, u in ((first, url_first), (second, url_second)))
-    # The same image, the same length, but not the same bytes: URLs (content hashes) say nothing across sessions.
+    # The same image, the same length, but not the same bytes, nor the same address.
     assert Image.open(io.BytesIO(body_first)).tobytes() == Image.open(io.BytesIO(body_second)).tobytes()
     assert len(body_first) == len(body_second) and url_first != url_second
+    # Every image URL served to one browser gives nothing to another rater's session, another
+    # browser of the same rater, or a request without a session; the browser it was served to gets it.
+    urls = media_urls_of(first)
+    assert len(urls) == 1 + 8 and not set(urls) & set(media_urls_of(second) + media_urls_of(other_rater))
+    for url in urls:
+        assert first.request.get(url).status == 200
+        assert other_rater.request.get(url).status == 404
+        assert second.request.get(url).status == 404
+        assert playwright_request.get(url).status == 404
+    other_rater.context.close()
     for score in "3333":
         first.keyboard.press(score)
     first.keyboard.press("Enter")
     wait_for_item(first, 1)
     first.keyboard.press("ArrowDown")  # any later run of the session
     first.wait_for_timeout(1000)
-    # Once the session has moved on, its old media URL gives nothing, to anyone.
-    assert playwright_request.get(url_first).status == 404
+    # Once the session has moved on, its old item's URL gives nothing, even to its own browser;
+    # the reference paintings stay.
+    assert first.request.get(url_first).status == 404
+    assert first.request.get(urls[1]).status == 200
     first.context.close()
     second.context.close()
 
@@ -475,11 +529,11 @@ def test_rate_reload_review_and_nothing_leaks(live_app, browser, tracker):
             ws.on(event, lambda payload: frames.append(payload if isinstance(payload, bytes) else payload.encode()))
 
     def on_response(response) -> None:
-        if urllib.parse.urlparse(response.url).path.startswith("/media/"):  # Streamlit's media, not its static files
+        if urllib.parse.urlparse(response.url).path.startswith("/fz-media/"):  # the app's images, not static files
             media_urls.append(response.url)
 
     def snapshot(page) -> None:
-        item_image_urls.add(urllib.parse.urlparse(page.locator(".st-key-item-image img").get_attribute("src")).path)
+        item_image_urls.add(urllib.parse.urlparse(page.locator(".st-key-item-image img").evaluate("i => i.src")).path)
         dom_snapshots.append(page.content())
         visible_texts.append(page.inner_text("body"))
         while media_urls:  # fetched again here: event handlers may not call back into Playwright

@@ -5,7 +5,7 @@ The study database's path comes from the environment variable FANGZHI_RATING_DB 
 argument: Streamlit sends its command line to the browser).
 
 What reaches the browser about an item: freshly encoded JPEG pixels padded to one length for the
-whole study (named by Streamlit after their bytes, which differ per rater session), the prompt's
+whole study (at a random per-session address only that browser can fetch: media_access.py), the prompt's
 Chinese narrative and English text (the same for both arms, shown as literal text), and widget keys
 built from the rater's own position numbers. Arms, image ids, file names, seeds and model names
 stay on the server.
@@ -30,13 +30,15 @@ import time
 import traceback
 from collections import defaultdict
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
+from streamlit.web.server.starlette.starlette_server_config import XSRF_COOKIE_NAME
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import i18n, media, pairwise_page, store, study
+from fangzhi.rating_app import i18n, media, media_access, pairwise_page, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
@@ -54,9 +56,19 @@ header[data-testid="stHeader"] { display: none; }
 [data-testid="stMainBlockContainer"] { padding: 0.6rem 1.5rem 1rem; max-width: 100%; }
 [data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
 .st-key-item-image img { max-height: calc(100vh - 13rem); width: 100%; object-fit: contain; }
-.st-key-references [data-testid="stElementContainer"] { width: auto !important; flex: 0 0 auto; }
-/* Thumbnails, except in Streamlit's full-screen view (which sets the image's max-height inline). */
-.st-key-references img:not([style*="max-height"]) { height: 4.6rem; width: auto !important; }
+.fz-references { display: flex; gap: 0.4rem; overflow-x: auto; }
+.fz-reference { flex: 0 0 auto; padding: 0; border: 2px solid transparent; border-radius: 0.3rem; background: none; cursor: zoom-in; }
+.fz-reference:focus-visible, .fz-reference:hover { border-color: #d9622b; }
+.fz-reference img { display: block; height: 4.6rem; width: auto; }
+/* The zoom view: the chosen reference painting beside the rated image, both as large as the window allows. */
+.fz-zoom { position: fixed; inset: 0; z-index: 1000200; display: flex; gap: 1rem; box-sizing: border-box;
+           padding: 2.8rem 1rem 1rem; background: rgba(18, 18, 18, 0.96); }
+.fz-zoom figure { flex: 1 1 0; min-width: 0; min-height: 0; margin: 0; display: flex; flex-direction: column; }
+.fz-zoom img { flex: 1 1 0; min-height: 0; width: 100%; object-fit: contain; }
+.fz-zoom figcaption { color: #eee; font-size: 0.9rem; text-align: center; padding-top: 0.3rem; }
+.fz-zoom-close { position: absolute; top: 0.5rem; right: 1rem; padding: 0.3rem 0.8rem; border: 1px solid #999;
+                 border-radius: 0.3rem; background: #333; color: #fff; font-size: 0.9rem; cursor: pointer; }
+@media (max-aspect-ratio: 1/1) { .fz-zoom { flex-direction: column; gap: 0.5rem; padding: 2.8rem 0.4rem 0.4rem; } }
 .st-key-questions [data-testid="stRadio"] { padding: 0.15rem 0.4rem; border-radius: 0.4rem; }
 .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.72rem; line-height: 1.15; }
 /* Five equal columns, so every anchor gets the same width in either language. */
@@ -70,8 +82,8 @@ div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErro
   .st-key-keyboard-hint { display: none; }
   [data-testid="stMainBlockContainer"] { padding: 0.4rem 0.6rem 1rem; }
   .st-key-item-image img { max-height: 62vh; }
-  .st-key-references img:not([style*="max-height"]) { height: 2.3rem; }
-  .st-key-references { gap: 0.35rem; }
+  .fz-reference img { height: 2.3rem; }
+  .fz-references { gap: 0.2rem; }
   .st-key-questions [data-testid="stRadio"] [data-testid="stCaptionContainer"] { font-size: 0.62rem; }
   .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { gap: 0.1rem 0.3rem; }
 }
@@ -118,6 +130,7 @@ PAGE_SCRIPT = r"""
     const item = m ? `${m.dataset.rater}-${m.dataset.item}` : null;
     if (item !== shownItem) {
       shownItem = item;
+      zoomView()?.remove();
       const open = answers().findIndex((a) => a < 0);
       current = open < 0 ? 0 : open;
       // A new item starts at the top of the page, not where the last one was scrolled to.
@@ -137,11 +150,69 @@ PAGE_SCRIPT = r"""
     lastAnswers = {item, values: now};
     highlight();
   }, 80);
+  // The zoom view: a reference painting at full size beside the rated image (stacked on a portrait screen).
+  const zoomView = () => document.querySelector('.fz-zoom');
+  const referenceButtons = () => [...document.querySelectorAll('.fz-reference')];
+  function closeZoom() {
+    const view = zoomView();
+    if (!view) return;
+    view.remove();
+    referenceButtons()[Number(view.dataset.index)]?.focus();
+  }
+  function openZoom(index) {
+    const buttons = referenceButtons(), rated = document.querySelector('.st-key-item-image img');
+    const strip = document.querySelector('.fz-references');
+    if (!buttons.length || !rated || !strip) return;
+    index = (index + buttons.length) % buttons.length;
+    zoomView()?.remove();
+    const view = document.createElement('div');
+    view.className = 'fz-zoom';
+    view.dataset.index = index;
+    view.setAttribute('role', 'dialog');
+    view.setAttribute('aria-modal', 'true');
+    const figure = (src, caption, name) => {
+      const f = document.createElement('figure'), img = document.createElement('img'), c = document.createElement('figcaption');
+      f.className = name;
+      img.src = src;
+      img.alt = caption;
+      c.textContent = caption;
+      f.append(img, c);
+      return f;
+    };
+    const referenceCaption = strip.dataset.referenceLabel.replace('{k}', index + 1).replace('{n}', buttons.length);
+    const close = document.createElement('button');
+    close.className = 'fz-zoom-close';
+    close.type = 'button';
+    close.textContent = strip.dataset.closeLabel;
+    close.addEventListener('click', closeZoom);
+    view.append(figure(rated.src, strip.dataset.ratedLabel, 'fz-zoom-rated'),
+                figure(buttons[index].querySelector('img').src, referenceCaption, 'fz-zoom-reference'), close);
+    view.addEventListener('click', (e) => { if (e.target === view) closeZoom(); });
+    document.body.append(view);
+    close.focus();
+  }
+  document.addEventListener('click', (e) => {
+    const button = e.target.closest && e.target.closest('.fz-reference');
+    if (button) openZoom(referenceButtons().indexOf(button));
+  });
+  document.addEventListener('keydown', (e) => {
+    const view = zoomView();
+    if (!view) return;
+    // While zoomed, keys look at paintings; none scores or saves behind the view.
+    if (e.key === 'Escape') closeZoom();
+    else if (e.key === 'ArrowRight' || e.key === 'ArrowLeft') openZoom(Number(view.dataset.index) + (e.key === 'ArrowRight' ? 1 : -1));
+    else if (e.key === 'Tab' || (e.key === 'Enter' && e.target.tagName === 'BUTTON')) return;
+    e.preventDefault();
+    e.stopImmediatePropagation();
+  }, true);
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (!marker() || e.ctrlKey || e.metaKey || e.altKey) return;
     if (t && (t.tagName === 'TEXTAREA' || t.isContentEditable || (t.tagName === 'INPUT' && t.type !== 'radio'))) return;
-    if (e.key >= '1' && e.key <= '5') {
+    if (e.key === 'z' || e.key === 'Z') {
+      openZoom(0);
+      e.preventDefault();
+    } else if (e.key >= '1' && e.key <= '5') {
       const q = questions()[current];
       if (!q) return;
       choose(q, Number(e.key) - 1);
@@ -215,7 +286,8 @@ def study_server(db: str) -> store.StudyServer:
     return store.StudyServer(db)
 
 
-@st.cache_data(show_spinner=False, max_entries=1024)
+# A resource, not data: every session's image ticket then holds the one shared (immutable) bytes object, not a copy.
+@st.cache_resource(show_spinner=False, max_entries=1024)
 def display_bytes(path: str, max_side: int) -> bytes:
     return media.encode_for_display(path, max_side)
 
@@ -235,6 +307,26 @@ def rater_locks() -> defaultdict[int, threading.Lock]:
 @st.cache_resource
 def admin_attempts() -> dict:
     return {"failures": 0, "locked_until": 0.0, "lock": threading.Lock()}
+
+
+def media_url(key: tuple, body: Callable[[], bytes]) -> str:
+    """This session's address of an image: a ticket only this browser can redeem (media_access.py), one per session and image."""
+    issued = st.session_state.setdefault("media_tickets", {})
+    if key not in issued:
+        browser = media_access.browser_key(st.context.cookies.get(XSRF_COOKIE_NAME))
+        # Without the cookie (a client that refuses it) the ticket exists but no request can redeem it.
+        issued[key] = media_access.TICKETS.issue(browser or b"", body())
+    return f"{media_access.ROUTE}/{issued[key]}"
+
+
+def release_media(keep: set[tuple]) -> None:
+    """Revoke this session's tickets for images it no longer shows: their URLs then give nothing, to anyone."""
+    issued = st.session_state.get("media_tickets", {})
+    media_access.TICKETS.revoke([issued.pop(key) for key in list(issued) if key not in keep])
+
+
+def reference_keys(references: tuple[str, ...]) -> set[tuple]:
+    return {("reference", path) for path in references}
 
 
 def rated_image(con, db: str, path: str, position: int, max_side: int) -> bytes:
@@ -439,13 +531,23 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
     image_column, side_column = st.columns([11, 9], gap="medium")
     with image_column:
         with st.container(key="item-image"):
-            st.image(rated_image(con, db, item.image_path, position, media.ITEM_MAX_SIDE), output_format="JPEG", width="stretch")
+            url = media_url(("item", position), lambda: rated_image(con, db, item.image_path, position, media.ITEM_MAX_SIDE))
+            st.html(f'<img class="fz-rated" src="{url}" alt="">')
         if references:
-            with st.container(key="references", horizontal=True, gap="small"):
-                for path in references:
-                    # Sent at zoom size; the image's full-screen button shows it large beside nothing else.
-                    st.image(display_bytes(path, media.REFERENCE_MAX_SIDE), output_format="JPEG", width="stretch")
+            with st.container(key="references"):
+                # Thumbnails of the paintings sent at zoom size; the page script opens the zoom view on a click.
+                buttons = "".join(
+                    f'<button type="button" class="fz-reference" aria-label="{_attribute(i18n.text("zoom_reference", lang, k=k, n=len(references)))}">'
+                    f'<img src="{media_url(("reference", path), lambda path=path: display_bytes(path, media.REFERENCE_MAX_SIDE))}" alt=""></button>'
+                    for k, path in enumerate(references, start=1)
+                )
+                labels = {"rated": i18n.text("zoom_rated", lang), "reference": i18n.text("zoom_reference", lang, k="{k}", n="{n}"), "close": i18n.text("zoom_close", lang)}
+                st.html(
+                    f'<div class="fz-references" data-rated-label="{_attribute(labels["rated"])}" '
+                    f'data-reference-label="{_attribute(labels["reference"])}" data-close-label="{_attribute(labels["close"])}">{buttons}</div>'
+                )
             st.caption(i18n.text("reference", lang))
+        release_media({("item", position)} | reference_keys(references))
     with side_column:
         st.text(i18n.text("item_counter", lang, k=position + 1, n=total) + " · " + i18n.text("progress", lang, done=sum(complete), total=total))
         with st.container(key="item-text"):
@@ -499,11 +601,13 @@ def restore_view(complete: list[bool]) -> None:
 def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, ...], lang: str) -> None:
     if rater is None:
         # Forget whoever was signed in before: a bad or revoked token shows nothing of theirs.
+        release_media(set())
         for key in RATER_STATE:
             st.session_state.pop(key, None)
         login_page(lang, bad_token=bool(st.query_params.get("token")))
         return
     if st.session_state.get("rater_id") != rater.rater_id:
+        release_media(set())
         for key in RATER_STATE:
             st.session_state.pop(key, None)
         st.session_state.rater_id = rater.rater_id
@@ -516,6 +620,8 @@ def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, .
     if not fresh and apply_navigation(con, rater.rater_id, complete) == "save":
         complete = store.completed_positions(con, rater.rater_id)
     view = st.session_state.view
+    if view != "item":
+        release_media(reference_keys(references))
     if view == "start":
         instructions_page(complete, lang)
     elif view == "done":
@@ -652,7 +758,9 @@ def main() -> None:
             lang = top_bar(settings.default_lang, rater.name if rater else None)
             page_frame(lang)
             if settings.mode == "pairwise" and rater is not None:
-                parts = pairwise_page.AppParts(display_bytes, lambda max_side: padded_length(con, db, max_side), go_to, next_position)
+                parts = pairwise_page.AppParts(
+                    display_bytes, lambda max_side: padded_length(con, db, max_side), go_to, next_position, media_url, release_media
+                )
                 pairwise_page.rater_flow(con, parts, rater, settings.reference_paths, lang)
             else:
                 rater_flow(con, db, rater, settings.reference_paths, lang)

@@ -117,9 +117,12 @@ _TEXT: dict[str, dict[str, str]] = {
     "progress": {"zh": "已完成 {done} / {total}", "en": "{done} of {total} rated"},
     "item_counter": {"zh": "第 {k} 张，共 {n} 张", "en": "Image {k} of {n}"},
     "reference": {
-        "zh": "目标风格参考作品：作品右上角的放大按钮可显示大图（Esc 返回）。",
-        "en": "Reference paintings (target style): the full-screen button at a painting's top right shows it large (Esc to return).",
+        "zh": "目标风格参考作品：点击一幅（或按 Z）即可与待评图像并排放大对比，← → 切换，Esc 返回。",
+        "en": "Reference paintings (target style): click one (or press Z) to see it large beside the rated image; ← → switch, Esc returns.",
     },
+    "zoom_rated": {"zh": "待评图像", "en": "Image being rated"},
+    "zoom_reference": {"zh": "参考作品 {k} / {n}", "en": "Reference painting {k} of {n}"},
+    "zoom_close": {"zh": "关闭（Esc）", "en": "Close (Esc)"},
     "text_zh": {"zh": "文字描述", "en": "Text (Chinese)"},
     "prompt_en": {"zh": "英文提示词", "en": "English prompt"},
     "attention": {

@@ -8,8 +8,8 @@ is visually lossless for paintings and keeps a 512×512 image far below 400 KB.
 The encoded length still differs by arm (one arm's images are often busier and compress worse),
 so rated images are padded after the JPEG's end marker to one length for the whole study: the
 largest encoded image of the study. Decoders ignore bytes after the end marker. The padding is
-drawn from a per-session key, so two raters' copies of one image differ byte for byte (and so do
-their media URLs, which Streamlit derives from the bytes).
+drawn from a per-session key, so two raters' copies of one image differ byte for byte. (Who may
+fetch them, and at which address: media_access.py.)
 """
 
 from __future__ import annotations

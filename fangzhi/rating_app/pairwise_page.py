@@ -69,6 +69,8 @@ class AppParts:
     padded_length: Callable[[int], int]  # the study's one byte length at a given size
     go_to: Callable[..., None]  # show a view; the URL follows
     next_position: Callable[[list[bool], int], int | None]  # the first open item after a position, wrapping
+    media_url: Callable[[tuple, Callable[[], bytes]], str]  # this session's ticket address of an image
+    release_media: Callable[[set[tuple]], None]  # revoke the session's tickets except these
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -172,12 +174,16 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
     for side, column in zip(SIDES, columns):
         with column, st.container(key=f"pair-{side}"):
             st.caption(i18n.text(f"pair_{side}", lang))
-            st.image(side_image(parts, comparison, side, media.ITEM_MAX_SIDE), output_format="JPEG", width="stretch")
+            url = parts.media_url(("pair", position, side), lambda side=side: side_image(parts, comparison, side, media.ITEM_MAX_SIDE))
+            st.html(f'<img src="{url}" alt="">')
+    shown = {("pair", position, side) for side in SIDES} | {("reference", path) for path in references}
     if references:
         with st.container(key="references", horizontal=True, gap="small"):
             for path in references:
-                st.image(parts.display_bytes(path, media.REFERENCE_MAX_SIDE), output_format="JPEG", width="stretch")
+                url = parts.media_url(("reference", path), lambda path=path: parts.display_bytes(path, media.REFERENCE_MAX_SIDE))
+                st.html(f'<img src="{url}" alt="">')
         st.caption(i18n.text("reference", lang))
+    parts.release_media(shown)
     if st.session_state.pop("notice", None) == "answer_all":
         st.warning(i18n.text("answer_all", lang))
     labels = {choice: i18n.text(f"pair_choice_{choice}", lang) for choice in CHOICES}
@@ -203,6 +209,7 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
 def rater_flow(con, parts: AppParts, rater: store.Rater, references: tuple[str, ...], lang: str) -> None:
     """The signed-in rater's pages: instructions, one comparison at a time, and the thank-you page."""
     if st.session_state.get("rater_id") != rater.rater_id:
+        parts.release_media(set())
         for key in RATER_STATE:
             st.session_state.pop(key, None)
         st.session_state.rater_id = rater.rater_id
@@ -219,6 +226,8 @@ def rater_flow(con, parts: AppParts, rater: store.Rater, references: tuple[str, 
     elif apply_navigation(con, parts, rater.rater_id) == "save":
         complete = pairwise_store.completed_comparisons(con, rater.rater_id)
     view = st.session_state.view
+    if view != "item":
+        parts.release_media(set())
     if view == "start":
         instructions_page(parts, complete, lang)
     elif view == "done":

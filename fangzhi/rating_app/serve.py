@@ -22,7 +22,8 @@ from pydantic import Field
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
 
-APP_SCRIPT = Path(__file__).with_name("app.py")
+# The app (app.py) with the route that serves its images to one session each.
+APP_SCRIPT = Path(__file__).with_name("asgi.py")
 # The app reads these from its environment, not from its command line, which Streamlit sends to the browser.
 DB_ENV = "FANGZHI_RATING_DB"
 BASE_URL_ENV = "FANGZHI_BASE_URL"
@@ -71,6 +72,8 @@ def streamlit_command(host: str = "127.0.0.1", port: int = 8501, url_path: str =
         # PIL loaded that is ~60 ms of the GIL per Save & next, more than the run itself. Python's
         # automatic collection still runs.
         "--runner.postScriptGC", "false",
+        # Images are handed only to the browser holding the session's XSRF cookie (media_access.py).
+        "--server.enableXsrfProtection", "true",
     ]
 
 
