@@ -61,7 +61,7 @@ def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, b
 
     def snapshot() -> None:
         doms.append(page.content())
-        side_urls.append(tuple(urllib.parse.urlparse(page.locator(f".st-key-pair-{s} img").get_attribute("src")).path for s in ("left", "right")))
+        side_urls.append(tuple(urllib.parse.urlparse(urllib.parse.urljoin(page.url, page.locator(f".st-key-pair-{s} img").get_attribute("src"))).path for s in ("left", "right")))
         while media_urls:
             response = page.request.get(media_urls.pop())
             if response.status == 200:

@@ -18,7 +18,7 @@ from fangzhi import studydb
 from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import media, pairwise_page, pairwise_store, sample, study
+from fangzhi.rating_app import media, media_access, pairwise_page, pairwise_store, sample, study
 from fangzhi.rating_app.pairwise_design import balanced_sides
 from fangzhi.rating_app.serve import DB_ENV
 from fangzhi.studydb.schema import BLANK_SIDE
@@ -237,7 +237,8 @@ def test_pairwise_page_save_revise_and_blinding(pairwise_app):
     at.query_params["token"] = tokens["alice"]
     at.query_params["item"] = str(attention + 1)
     at.run()
-    assert not at.exception and at.session_state["position"] == attention and len(at.get("image")) == 2
+    served = [h.proto.body for h in at.html if h.proto.body.startswith(f'<img src="{media_access.ROUTE}/')]
+    assert not at.exception and at.session_state["position"] == attention and len(served) == 2
     with studydb.connect(db) as con:
         paths = [p for (p,) in con.execute("SELECT path FROM images").fetchall()]
     length = max(len(media.encode_for_display(p)) for p in paths)

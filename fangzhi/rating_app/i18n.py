@@ -192,6 +192,7 @@ _TEXT: dict[str, dict[str, str]] = {
     },
     "pair_progress": {"zh": "已完成 {done} / {total} 组", "en": "{done} of {total} comparisons done"},
     "pair_counter": {"zh": "第 {k} 组，共 {n} 组", "en": "Comparison {k} of {n}"},
+    "pair_reference": {"zh": "目标风格参考作品", "en": "Reference paintings (target style)"},
     "pair_left": {"zh": "左图", "en": "Left"},
     "pair_right": {"zh": "右图", "en": "Right"},
     "pair_choice_left": {"zh": "左图更好", "en": "Left is better"},

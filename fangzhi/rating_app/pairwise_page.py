@@ -36,7 +36,8 @@ PAIR_CSS = """
 <style>
 .st-key-pair-left img, .st-key-pair-right img { max-height: calc(100vh - 34rem); width: 100%; object-fit: contain; }
 .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
-@media (max-width: 640px) { .st-key-pair-left img, .st-key-pair-right img { max-height: 42vh; } }
+.st-key-references img { height: 4.6rem; width: auto; }
+@media (max-width: 640px) { .st-key-pair-left img, .st-key-pair-right img { max-height: 42vh; } .st-key-references img { height: 2.3rem; } }
 </style>
 """
 
@@ -182,7 +183,7 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
             for path in references:
                 url = parts.media_url(("reference", path), lambda path=path: parts.display_bytes(path, media.REFERENCE_MAX_SIDE))
                 st.html(f'<img src="{url}" alt="">')
-        st.caption(i18n.text("reference", lang))
+        st.caption(i18n.text("pair_reference", lang))
     parts.release_media(shown)
     if st.session_state.pop("notice", None) == "answer_all":
         st.warning(i18n.text("answer_all", lang))

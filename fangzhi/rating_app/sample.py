@@ -55,7 +55,8 @@ def write_sample_manifest(
                 text = prompt_en + (", fangzhi style" if arm != "base" else "")
                 info = PngImagePlugin.PngInfo()
                 info.add_text("parameters", f"{text}\narm: {arm}, seed: {seed}, model: {SAMPLE_BASE_MODEL}")
-                pixels = _painting(np.random.default_rng([seed, prompt_index, len(arm)]), size)
+                arm_key = int.from_bytes(hashlib.sha256(arm.encode()).digest()[:4], "big")  # each arm its own pixels
+                pixels = _painting(np.random.default_rng([seed, prompt_index, arm_key]), size)
                 pixels.save(folder / file, pnginfo=info)
                 is_lora = arm != "base"
                 lines.append(
