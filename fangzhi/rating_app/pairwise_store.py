@@ -12,15 +12,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import duckdb
 import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app.store import Database, _placeholders, _query_df, _transaction, _using
+from fangzhi.rating_app.store import AnswerTables, Database, _query_df, _using, save_answers
 from fangzhi.studydb.schema import BLANK_SIDE
 
 CHOICES: tuple[str, ...] = ("left", "right", "tie")
+CHOICE_TABLES = AnswerTables("comparisons", "choices", "choice", "choice_audit", "comparison_notes", "comparison")
 
 
 @dataclass(frozen=True)
@@ -78,41 +78,7 @@ def save_choices(db: Database, rater_id: int, position: int, choices: Mapping[st
         if choice not in CHOICES:
             raise FangzhiError(f"choice for {dimension!r} must be one of {', '.join(CHOICES)}, got {choice!r}")
 
-    def work(con: duckdb.DuckDBPyConnection) -> None:
-        allowed = con.execute(
-            "SELECT 1 FROM comparisons ANTI JOIN revocations USING (rater_id) WHERE rater_id = ? AND position = ?", [rater_id, position]
-        ).fetchone()
-        if allowed is None:
-            raise FangzhiError(f"rater {rater_id} cannot save comparison {position} (no such comparison, or the rater was revoked)")
-        now = con.execute("SELECT current_timestamp").fetchone()[0]
-        old = dict(con.execute("SELECT dimension, choice FROM choices WHERE rater_id = ? AND position = ?", [rater_id, position]).fetchall())
-        con.execute(
-            f"""
-            INSERT INTO choices VALUES {_placeholders(len(choices), 5)}
-            ON CONFLICT (rater_id, position, dimension) DO UPDATE SET choice = excluded.choice, updated_at = excluded.updated_at
-            """,
-            [value for dimension, choice in choices.items() for value in (rater_id, position, dimension, choice, now)],
-        )
-        changes = [(rater_id, position, d, old.get(d), c, now) for d, c in choices.items() if old.get(d) != c]
-        if changes:
-            con.execute(
-                "INSERT INTO choice_audit (rater_id, position, dimension, old_choice, new_choice, changed_at) "
-                f"VALUES {_placeholders(len(changes), 6)}",
-                [value for change in changes for value in change],
-            )
-        con.execute(
-            """
-            INSERT INTO comparison_notes VALUES (?, ?, ?, ?, 1, ?, ?)
-            ON CONFLICT (rater_id, position) DO UPDATE SET
-                comment = excluded.comment,
-                seconds_spent = comparison_notes.seconds_spent + excluded.seconds_spent,
-                saves = comparison_notes.saves + 1,
-                updated_at = excluded.updated_at
-            """,
-            [rater_id, position, comment, max(0.0, float(seconds)), now, now],
-        )
-
-    _transaction(db, work, turn=("rater", rater_id))
+    save_answers(db, CHOICE_TABLES, rater_id, position, choices, comment, seconds)
 
 
 def list_comparisons(db: Database) -> pd.DataFrame:

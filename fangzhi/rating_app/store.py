@@ -252,6 +252,65 @@ def _placeholders(rows: int, columns: int) -> str:
     return ", ".join(["(" + ", ".join(["?"] * columns) + ")"] * rows)
 
 
+@dataclass(frozen=True)
+class AnswerTables:
+    """Where one kind of item keeps its answers: the items, the answers, their audit, and the notes."""
+
+    items: str
+    answers: str
+    answer: str  # the answer column, also `old_<answer>`/`new_<answer>` in the audit
+    audit: str
+    notes: str
+    noun: str  # for messages: "item", "comparison"
+
+
+SCORE_TABLES = AnswerTables("assignments", "scores", "score", "score_audit", "item_notes", "item")
+
+
+def save_answers(db: Database, tables: AnswerTables, rater_id: int, position: int, answers: Mapping[str, Any], comment: str, seconds: float) -> None:
+    """Save one item's four answers, comment and time in one transaction; changed answers go to the audit table.
+
+    Upserts throughout, so a repeated or concurrent first save of an item leaves one set of rows.
+    """
+
+    def work(con: duckdb.DuckDBPyConnection) -> None:
+        allowed = con.execute(
+            f"SELECT 1 FROM {tables.items} ANTI JOIN revocations USING (rater_id) WHERE rater_id = ? AND position = ?", [rater_id, position]
+        ).fetchone()
+        if allowed is None:
+            raise FangzhiError(f"rater {rater_id} cannot save {tables.noun} {position} (no such {tables.noun}, or the rater was revoked)")
+        now = con.execute("SELECT current_timestamp").fetchone()[0]
+        old = dict(con.execute(f"SELECT dimension, {tables.answer} FROM {tables.answers} WHERE rater_id = ? AND position = ?", [rater_id, position]).fetchall())
+        # One multi-row statement each: DuckDB's executemany runs a statement per row (~5 ms more per save).
+        con.execute(
+            f"""
+            INSERT INTO {tables.answers} VALUES {_placeholders(len(answers), 5)}
+            ON CONFLICT (rater_id, position, dimension) DO UPDATE SET {tables.answer} = excluded.{tables.answer}, updated_at = excluded.updated_at
+            """,
+            [value for dimension, answer in answers.items() for value in (rater_id, position, dimension, answer, now)],
+        )
+        changes = [(rater_id, position, d, old.get(d), a, now) for d, a in answers.items() if old.get(d) != a]
+        if changes:
+            con.execute(
+                f"INSERT INTO {tables.audit} (rater_id, position, dimension, old_{tables.answer}, new_{tables.answer}, changed_at) "
+                f"VALUES {_placeholders(len(changes), 6)}",
+                [value for change in changes for value in change],
+            )
+        con.execute(
+            f"""
+            INSERT INTO {tables.notes} VALUES (?, ?, ?, ?, 1, ?, ?)
+            ON CONFLICT (rater_id, position) DO UPDATE SET
+                comment = excluded.comment,
+                seconds_spent = {tables.notes}.seconds_spent + excluded.seconds_spent,
+                saves = {tables.notes}.saves + 1,
+                updated_at = excluded.updated_at
+            """,
+            [rater_id, position, comment, max(0.0, float(seconds)), now, now],
+        )
+
+    _transaction(db, work, turn=("rater", rater_id))
+
+
 def save_item(db: Database, rater_id: int, position: int, scores: Mapping[str, int], comment: str = "", seconds: float = 0.0
 ) -> None:
     """Save one item's four scores, comment and time in one transaction; revisions go to score_audit."""
@@ -260,47 +319,7 @@ def save_item(db: Database, rater_id: int, position: int, scores: Mapping[str, i
     for dimension, score in scores.items():
         if not (isinstance(score, int) and SCORE_MIN <= score <= SCORE_MAX):
             raise FangzhiError(f"score for {dimension!r} must be an integer {SCORE_MIN}–{SCORE_MAX}, got {score!r}")
-
-    def work(con: duckdb.DuckDBPyConnection) -> None:
-        allowed = con.execute(
-            """
-            SELECT 1 FROM assignments ANTI JOIN revocations USING (rater_id)
-            WHERE rater_id = ? AND position = ?
-            """,
-            [rater_id, position],
-        ).fetchone()
-        if allowed is None:
-            raise FangzhiError(f"rater {rater_id} cannot save position {position} (no such item, or the rater was revoked)")
-        now = con.execute("SELECT current_timestamp").fetchone()[0]
-        old = dict(con.execute("SELECT dimension, score FROM scores WHERE rater_id = ? AND position = ?", [rater_id, position]).fetchall())
-        # One multi-row statement each: DuckDB's executemany runs a statement per row (~5 ms more per save).
-        con.execute(
-            f"""
-            INSERT INTO scores VALUES {_placeholders(len(scores), 5)}
-            ON CONFLICT (rater_id, position, dimension) DO UPDATE SET score = excluded.score, updated_at = excluded.updated_at
-            """,
-            [value for dimension, score in scores.items() for value in (rater_id, position, dimension, score, now)],
-        )
-        changes = [(rater_id, position, d, old.get(d), s, now) for d, s in scores.items() if old.get(d) != s]
-        if changes:
-            con.execute(
-                "INSERT INTO score_audit (rater_id, position, dimension, old_score, new_score, changed_at) "
-                f"VALUES {_placeholders(len(changes), 6)}",
-                [value for change in changes for value in change],
-            )
-        con.execute(
-            """
-            INSERT INTO item_notes VALUES (?, ?, ?, ?, 1, ?, ?)
-            ON CONFLICT (rater_id, position) DO UPDATE SET
-                comment = excluded.comment,
-                seconds_spent = item_notes.seconds_spent + excluded.seconds_spent,
-                saves = item_notes.saves + 1,
-                updated_at = excluded.updated_at
-            """,
-            [rater_id, position, comment, max(0.0, float(seconds)), now, now],
-        )
-
-    _transaction(db, work, turn=("rater", rater_id))
+    save_answers(db, SCORE_TABLES, rater_id, position, scores, comment, seconds)
 
 
 def list_assignments(db: Database) -> pd.DataFrame:
