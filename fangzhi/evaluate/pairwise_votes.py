@@ -18,7 +18,7 @@ import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate.ratings import BadRows, RowProblems, parse_seeds, row_labels, value_problems
+from fangzhi.evaluate.ratings import BadRows, RowProblems, parse_seeds, read_table, row_labels, value_problems
 
 PAIRWISE_COLUMNS: tuple[str, ...] = ("rater", "prompt", "seed", "dimension", "left", "right", "choice")
 TEXT_COLUMNS: tuple[str, ...] = ("rater", "prompt", "left", "right")
@@ -57,26 +57,8 @@ def file_columns(path: str | Path) -> list[str]:
 def read_pairwise_file(path: str | Path, drop_bad_rows: bool = False) -> tuple[pd.DataFrame, BadRows]:
     """Read a CSV or Parquet pairwise votes file and validate it (see `validate_pairwise_votes`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FangzhiError(f"pairwise votes file not found: {path}")
-    if path.suffix.lower() == ".parquet":
-        try:
-            raw = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
-            raise FangzhiError(f"{path}: cannot read as Parquet: {exc}") from None
-        positions = [f"row {i}" for i in range(1, len(raw) + 1)]
-    elif path.suffix.lower() in (".csv", ".txt"):
-        try:
-            # Every column as text: seeds stay exact, and a rater called "NA" stays a rater. Blank lines
-            # are kept as all-missing rows so that row i is always line i + 2 of the file.
-            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding="utf-8-sig")
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise FangzhiError(f"{path}: not a readable CSV file: {exc}") from None
-        except pd.errors.EmptyDataError:
-            raise FangzhiError(f"{path}: the file is empty; expected a header line {','.join(PAIRWISE_COLUMNS)}") from None
-        positions = None
-    else:
-        raise FangzhiError(f"{path}: pairwise votes files must end in .csv or .parquet")
+    # Every column as text: seeds stay exact.
+    raw, positions = read_table(path, "pairwise votes file", PAIRWISE_COLUMNS, dtype=str)
     return validate_pairwise_votes(raw, source=str(path), positions=positions, drop_bad_rows=drop_bad_rows)
 
 

@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -78,6 +78,32 @@ class RowProblems:
         return bad_rows
 
 
+def read_table(path: Path, what: str, header: Sequence[str], dtype: Mapping[str, type] | type) -> tuple[pd.DataFrame, list[str] | None]:
+    """A CSV or Parquet file as read, and a position label per row (None for CSV: line numbers, computed on demand).
+
+    CSV: only an empty field counts as missing, so a rater called "NA" stays a rater; blank lines are
+    kept as all-missing rows, so row i is always line i + 2; a spreadsheet's byte-order mark is dropped.
+    """
+    if not path.is_file():
+        raise FangzhiError(f"{what} not found: {path}")
+    if path.suffix.lower() == ".parquet":
+        try:
+            raw = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+            raise FangzhiError(f"{path}: cannot read as Parquet: {exc}") from None
+        # Parquet has no lines; number data rows from 1.
+        return raw, [f"row {i}" for i in range(1, len(raw) + 1)]
+    if path.suffix.lower() in (".csv", ".txt"):
+        try:
+            raw = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding="utf-8-sig")
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise FangzhiError(f"{path}: not a readable CSV file: {exc}") from None
+        except pd.errors.EmptyDataError:
+            raise FangzhiError(f"{path}: the file is empty; expected a header line {','.join(header)}") from None
+        return raw, None
+    raise FangzhiError(f"{path}: {what}s must end in .csv or .parquet")
+
+
 def read_ratings_file(path: str | Path, drop_bad_rows: bool = False, arm_alias: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, BadRows]:
     """Read a CSV or Parquet ratings file and validate it (`arm_alias` renames arms, e.g. {"LoRA": "lora"}).
 
@@ -85,37 +111,11 @@ def read_ratings_file(path: str | Path, drop_bad_rows: bool = False, arm_alias: 
     found. Raises FangzhiError listing the bad rows by line number unless `drop_bad_rows`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FangzhiError(f"ratings file not found: {path}")
-    if path.suffix.lower() == ".parquet":
-        try:
-            raw = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
-            raise FangzhiError(f"{path}: cannot read as Parquet: {exc}") from None
-        # Parquet has no lines; number data rows from 1.
-        positions = [f"row {i}" for i in range(1, len(raw) + 1)]
-    elif path.suffix.lower() in (".csv", ".txt"):
-        try:
-            # Keep blank lines (as all-missing rows) so row i is always line i + 2 of the file;
-            # only an empty field counts as missing, so a rater called "NA" stays a rater.
-            raw = pd.read_csv(
-                path,
-                dtype={"rater": str, "arm": str, "prompt": str},
-                keep_default_na=False,
-                na_values=[""],
-                skip_blank_lines=False,
-            )
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise FangzhiError(f"{path}: not a readable CSV file: {exc}") from None
-        except pd.errors.EmptyDataError:
-            raise FangzhiError(f"{path}: the file is empty; expected a header line {','.join(REQUIRED_COLUMNS)}") from None
-        positions = None  # line numbers are computed on demand (cheap for a million rows)
-        if "seed" in raw.columns and not pd.api.types.is_integer_dtype(raw["seed"]):
-            # pandas reads a seed column with a blank or a huge value as float64, which rounds
-            # seeds above 2^53; read it again as text so every seed is parsed exactly (or refused).
-            raw["seed"] = pd.read_csv(path, usecols=["seed"], dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False)["seed"]
-    else:
-        raise FangzhiError(f"{path}: ratings files must end in .csv or .parquet")
+    raw, positions = read_table(path, "ratings file", REQUIRED_COLUMNS, dtype={"rater": str, "arm": str, "prompt": str})
+    if positions is None and "seed" in raw.columns and not pd.api.types.is_integer_dtype(raw["seed"]):
+        # pandas reads a seed column with a blank or a huge value as float64, which rounds
+        # seeds above 2^53; read it again as text so every seed is parsed exactly (or refused).
+        raw["seed"] = pd.read_csv(path, usecols=["seed"], dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding="utf-8-sig")["seed"]
     return validate_ratings(raw, source=str(path), positions=positions, drop_bad_rows=drop_bad_rows, arm_alias=arm_alias)
 
 
