@@ -478,7 +478,7 @@ def test_app_shows_texts_and_names_literally(tmp_path, monkeypatch, references):
     texts = [t.value for t in at.text]
     assert hostile in texts and f"评分人：{hostile}" in texts
     # Nothing from the study reaches an element that renders Markdown or HTML.
-    rendered = [m.value for m in at.markdown] + [c.value for c in at.caption] + [h.proto.body for h in at.html]
+    rendered = [m.value for m in at.markdown] + [c.value for c in at.caption] + [h.proto.body for h in at.get("html")]
     assert not any("标题" in r or "word" in r for r in rendered)
 
 
