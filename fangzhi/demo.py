@@ -131,7 +131,7 @@ def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = Fals
         raise FangzhiError(f"demo mode {mode!r}: choose absolute or pairwise")
     if mode == "pairwise" and not simulate_ratings:
         raise FangzhiError(
-            "demo --mode pairwise needs --simulate-ratings: fangzhi has no side-by-side rating page yet, so the demo can only analyse simulated votes"
+            "demo --mode pairwise needs --simulate-ratings (it analyses simulated votes); for a real side-by-side study use `fangzhi study create --mode pairwise`"
         )
     check_prerequisites(cfg)
     out = Path(cfg.out)
