@@ -77,17 +77,9 @@ def validate_pairwise_votes(
     same kind judge the same arms in any orientation. The clean table has categorical text columns
     (`dimension` in the order of the four dimensions, `choice` in left/right/tie order) and int64 seeds.
     """
-    missing = [c for c in PAIRWISE_COLUMNS if c not in raw.columns]
-    if missing:
-        raise FangzhiError(
-            f"{source}: missing column(s) {', '.join(missing)}; the header of a pairwise votes file must contain "
-            f"{','.join(PAIRWISE_COLUMNS)} ({FORMAT_SECTION})"
-        )
-    n = len(raw)
-    problems = RowProblems(n)
+    problems = RowProblems.of_table(raw, source, PAIRWISE_COLUMNS, "the header of a pairwise votes file", FORMAT_SECTION)
     flag, is_bad = problems.flag, problems.is_bad
-
-    flag(raw[list(PAIRWISE_COLUMNS)].isna().all(axis=1).to_numpy(), "empty line")
+    n = len(raw)
     # Text columns become integer codes once (stripped values, -1 where missing); every later rule and the
     # duplicate check work on codes, which keeps a million rows under a second.
     coded = {column: _coded(raw[column]) for column in ("rater", "prompt", "dimension", "choice", *(("kind",) if "kind" in raw.columns else ()))}

@@ -58,6 +58,16 @@ class RowProblems:
         self.is_bad = np.zeros(n_rows, dtype=bool)
         self.reasons: dict[int, str] = {}
 
+    @classmethod
+    def of_table(cls, raw: pd.DataFrame, source: str, required: Sequence[str], header: str, format_section: str) -> RowProblems:
+        """Start checking a table: refuse one that lacks a required column, and flag its empty lines."""
+        missing = [c for c in required if c not in raw.columns]
+        if missing:
+            raise FangzhiError(f"{source}: missing column(s) {', '.join(missing)}; {header} must contain {','.join(required)} ({format_section})")
+        problems = cls(len(raw))
+        problems.flag(raw[list(required)].isna().all(axis=1).to_numpy(), "empty line")
+        return problems
+
     def flag(self, mask: np.ndarray, reason: str | Callable[[np.ndarray], list[str]]) -> None:
         # The first problem found on a row is the one reported; texts are built for new bad rows only.
         new = np.flatnonzero(mask & ~self.is_bad)
@@ -135,17 +145,9 @@ def validate_ratings(
     ComfyUI writes them). Arm names that differ only in case are refused unless `arm_alias` maps
     one spelling onto the other: they would otherwise silently become separate arms.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
-    if missing:
-        raise FangzhiError(
-            f"{source}: missing column(s) {', '.join(missing)}; the header must contain "
-            f"{','.join(REQUIRED_COLUMNS)} (see docs/formats.md, 'Ratings, wide format')"
-        )
-    n = len(raw)
-    problems = RowProblems(n)
+    problems = RowProblems.of_table(raw, source, REQUIRED_COLUMNS, "the header", "see docs/formats.md, 'Ratings, wide format'")
     flag, is_bad = problems.flag, problems.is_bad
-
-    flag(raw[list(REQUIRED_COLUMNS)].isna().all(axis=1).to_numpy(), "empty line")
+    n = len(raw)
     stripped = {}
     for column in ("rater", "arm", "prompt"):
         stripped[column] = _stripped_text(raw[column])
