@@ -8,6 +8,7 @@ optimizer on the LoRA weights only. accelerate supplies devices, mixed precision
 from __future__ import annotations
 
 import csv
+import gc
 import importlib.util
 import math
 import time
@@ -113,6 +114,11 @@ def train(cfg: TrainConfig) -> Path:
         # (e.g. another mixed precision), so a second train() in the same process must start clean.
         # The process group (PartialState) is kept: it belongs to the launcher, not to this run.
         AcceleratorState._reset_state(reset_partial_state=False)
+        # The run's models sit in reference cycles (accelerator <-> its state hooks); collect them now, so
+        # their GPU memory is free for whatever runs next in this process rather than when gc gets round to it.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _train(cfg: TrainConfig, entries: list) -> Path:
@@ -149,7 +155,12 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
     cast_training_params(list(trained.values()), dtype=torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
+        # transformers 5.23 renamed it (the old name warns); 5.0, the floor, has only the old one.
+        getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+    if cfg.compile:
+        # In place (nn.Module.compile): module names, LoRA saving and checkpoints are unchanged.
+        for model in trained.values():
+            model.compile()
     lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate or cfg.learning_rate / 2}
     param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lrs[name]} for name, model in trained.items()]
     optimizer = _make_optimizer(cfg, param_groups)
