@@ -5,6 +5,8 @@
 # fused LoRA, unfused LoRA), fangzhi against plain diffusers (training steps/s and memory, generation
 # images/s end to end), CLIP scoring images/s, then one JSON + Markdown summary with the device, versions
 # and model FLOP utilisation. Everything it needs is built on the spot (random weights), once.
+# Then, in the time left before GPU_BENCH_LIMIT_S (default 440 s), the extras: training with `compile: true`
+# and a profile of the eager step (kernels and GPU-busy time per step), generation with a compiled UNet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,5 +24,14 @@ fi
 "$PY" bench/generate_bench.py --repeats 3 "${SD15[@]}"
 "$PY" bench/peer_bench.py "${SD15[@]}"
 "$PY" bench/clip_bench.py
+"$PY" bench/gpu_summary.py
+limit=${GPU_BENCH_LIMIT_S:-440}
+extra() {
+  local left=$(( limit - ($(date +%s) - started) ))
+  if (( left < 60 )); then echo "bench/gpu.sh: skipped (${left} s left): $*"; return; fi
+  timeout "$left" "$@" || echo "bench/gpu.sh: stopped or failed (exit $?): $*"
+}
+extra "$PY" bench/train_bench.py --extras --gpu-steps 30 "${SD15[@]}"
+extra "$PY" bench/generate_bench.py --compile --repeats 3 "${SD15[@]}"
 "$PY" bench/gpu_summary.py
 echo "bench/gpu.sh: $(( $(date +%s) - started )) s"

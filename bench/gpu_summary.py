@@ -37,11 +37,21 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = next((value for key, value in PEAK_BF16_TFLOPS.items() if key in device), None)
     forward = unet_forward_tflops()
-    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "generate_bench", "peer", "clip_bench") if (BENCH / f"{name}.json").exists()}
+    parts = {name: json.loads((BENCH / f"{name}.json").read_text()) for name in ("train", "train_extras", "generate_bench", "generate_compiled", "peer", "clip_bench") if (BENCH / f"{name}.json").exists()}
     summary = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                "unet_forward_tflops_512": round(forward, 3), "peak_bf16_tflops": peak, "parts": parts, "mfu": {}}
     lines = [f"# GPU benchmark: {device}", "", f"torch {torch.__version__}; SD v1.5 UNet forward at 512 px = {forward:.3f} TFLOPs (counted)", ""]
-    for case in parts.get("train", {}).get("cases", []):
+    train_cases = parts.get("train", {}).get("cases", []) + parts.get("train_extras", {}).get("cases", [])
+    eager_step = {case["case"]: case["seconds_per_step"] for case in train_cases if "seconds_per_step" in case}
+    for case in train_cases:
+        if case["case"].endswith("-profile"):
+            line = (f"- train {case['case']}: {case['kernels_per_step']} kernels and {case['top_level_operators_per_step']} operators "
+                    f"per step, GPU busy {case['gpu_busy_ms_per_step']} ms per step")
+            wall = eager_step.get(case["case"].removesuffix("-profile"))
+            if wall and case["gpu_busy_ms_per_step"]:
+                line += f" of {wall * 1000:.0f} ms ({case['gpu_busy_ms_per_step'] / (wall * 1000):.0%}; the rest is launch and host time)"
+            lines.append(line)
+            continue
         line = f"- train {case['case']}: {case['seconds_per_step']:.4f} s/step ({case['steps_per_second']} steps/s)"
         if "peak_gpu_memory_gib" in case:
             line += f", peak {case['peak_gpu_memory_gib']} GiB"
@@ -50,10 +60,10 @@ def main() -> None:
             summary["mfu"][case["case"]] = round(achieved / peak, 4)
             line += f", MFU {achieved / peak:.1%}"
         lines.append(line)
-    for run in parts.get("generate_bench", {}).get("runs", []):
+    for run in parts.get("generate_bench", {}).get("runs", []) + parts.get("generate_compiled", {}).get("runs", []):
         for mode, by_batch in run["results"].items():
             for result in by_batch:
-                name = f"{run['base']} {run['size']}px {mode} batch {result['batch_size']}"
+                name = f"{run['base']} {run['size']}px {mode}{' compiled' if run.get('compile') else ''} batch {result['batch_size']}"
                 line = f"- generate {name}: {1 / result['images_per_s']:.4f} s/image ({run['steps']} {run['scheduler']} steps, CFG {run['cfg']}, {run['dtype']})"
                 if peak and run["base"] != "tiny":
                     achieved = 2 * run["steps"] * forward * result["images_per_s"]

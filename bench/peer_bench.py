@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import platform
@@ -45,7 +46,9 @@ ON_GPU = torch.cuda.is_available()
 
 
 def reset_peak() -> None:
+    gc.collect()  # the other side's models, if a reference cycle still holds them, must not count in this side's peak
     if ON_GPU:
+        torch.cuda.empty_cache()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
