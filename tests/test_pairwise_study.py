@@ -299,3 +299,39 @@ def test_cli_pairwise_study_to_analysis(tmp_path, manifest3, capsys):
     capsys.readouterr()
     assert cli_main(["analyze", "--db", str(db), "--out", str(tmp_path / "other"), "--sd-over", "raters"]) == 2
     assert "is a pairwise study; --sd-over apply only to an absolute (1–5) study" in capsys.readouterr().err
+
+
+def test_admin_page_of_a_pairwise_study_shows_its_progress_attention_votes_and_arms(pairwise_app, monkeypatch):
+    db, _ = pairwise_app
+    plan = pairwise_store.list_comparisons(db)
+    alice = plan[plan["rater"] == "alice"]
+    main = alice[alice["kind"] == "main"].head(3)
+    attention = alice[alice["kind"] == "attention"].iloc[0]
+    blank_side = "left" if attention["left_arm"] == BLANK_SIDE else "right"
+    votes = [{"rater": "alice", "position": int(p), **dict.fromkeys(DIMENSION_KEYS, "left")} for p in main["position"]]
+    votes.append({"rater": "alice", "position": int(attention["position"]), **dict.fromkeys(DIMENSION_KEYS, blank_side)})  # fails
+    pairwise_store.add_votes(db, votes)
+    monkeypatch.setenv("FANGZHI_ADMIN_PASSWORD", "correct horse")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.query_params["page"] = "admin"
+    at.run()
+    at.text_input[0].input("correct horse")
+    at.button[0].click().run()
+    assert not at.exception
+    progress = at.dataframe[0].value.set_index("rater")
+    assert progress.loc["alice", "done"] == 4 and progress.loc["bob", "done"] == 0
+    assert progress.loc["alice", "total"] == len(alice)
+    qc = at.dataframe[1].value.set_index("rater")
+    assert qc.loc["alice", "attention_answered"] == 1 and qc.loc["alice", "attention_passed"] == 0
+    assert qc.loc["bob", "attention_answered"] == 0
+    assert {button.label for button in at.get("download_button")} == {"votes.csv", "votes.parquet"}
+    assert len(at.dataframe) == 2  # blind: no summary by arm yet
+    at.checkbox[0].check()
+    next(b for b in at.button if b.label == "Unblind").click().run()
+    summary = at.dataframe[2].value
+    style = summary[summary["dimension"] == "style"].set_index("arm")
+    expected_wins = main["left_arm"].value_counts()
+    for arm in ARMS_3:
+        shown = int(((main["left_arm"] == arm) | (main["right_arm"] == arm)).sum())
+        assert style.loc[arm, "comparisons"] == shown and style.loc[arm, "wins"] == expected_wins.get(arm, 0)
+    assert style["ties"].sum() == 0 and BLANK_SIDE not in style.index

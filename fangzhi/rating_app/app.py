@@ -38,7 +38,7 @@ from streamlit.web.server.starlette.starlette_server_config import XSRF_COOKIE_N
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import i18n, media, media_access, pairwise_page, store, study
+from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
@@ -673,7 +673,7 @@ def admin_login(expected: str) -> None:
             st.error("Wrong password.")
 
 
-def admin_page(con, db: str, unblinded: bool) -> None:
+def admin_page(con, db: str, settings: store.StudySettings) -> None:
     st.title("Rating study: admin")
     expected = admin_password()
     if not expected:
@@ -683,18 +683,25 @@ def admin_page(con, db: str, unblinded: bool) -> None:
         admin_login(expected)
         return
 
+    pairwise = settings.mode == "pairwise"
+    answer_tables = pairwise_store.CHOICE_TABLES if pairwise else store.SCORE_TABLES
     st.subheader("Progress")
-    st.dataframe(store.rater_progress(con), hide_index=True)
-    ratings = store.read_ratings(con)
+    st.dataframe(store.rater_progress(con, answer_tables), hide_index=True)
+    if pairwise:
+        answers, qc = store.read_votes_and_qc(con)
+        name, summarise = "votes", pairwise_store.arm_summary
+    else:
+        answers = store.read_ratings(con)
+        qc, name, summarise = store.qc_results(answers), "ratings", store.arm_summary
     st.subheader("Quality control")
-    st.dataframe(store.qc_results(ratings), hide_index=True)
+    st.dataframe(qc, hide_index=True)
 
     st.subheader("Export")
     parquet = io.BytesIO()
-    ratings.to_parquet(parquet, index=False)
+    answers.to_parquet(parquet, index=False)
     csv_column, parquet_column = st.columns(2)
-    csv_column.download_button("ratings.csv", ratings.to_csv(index=False).encode("utf-8"), "ratings.csv", "text/csv")
-    parquet_column.download_button("ratings.parquet", parquet.getvalue(), "ratings.parquet", "application/octet-stream")
+    csv_column.download_button(f"{name}.csv", answers.to_csv(index=False).encode("utf-8"), f"{name}.csv", "text/csv")
+    parquet_column.download_button(f"{name}.parquet", parquet.getvalue(), f"{name}.parquet", "application/octet-stream")
 
     st.subheader("Raters")
     base_url = os.environ.get(BASE_URL_ENV) or study.DEFAULT_BASE_URL
@@ -710,7 +717,7 @@ def admin_page(con, db: str, unblinded: bool) -> None:
                 study.append_links([link], links_file)
                 st.text(f"Invitation link for {link[0]} (also appended to {links_file}):")
                 st.code(link[2], language=None)
-    progress = store.rater_progress(con)
+    progress = store.rater_progress(con, answer_tables)
     active = progress.loc[~progress["revoked"], "rater"].tolist()
     with st.form("revoke-rater"):
         victim = st.selectbox("Revoke access of", active, index=None)
@@ -719,8 +726,8 @@ def admin_page(con, db: str, unblinded: bool) -> None:
             st.rerun()
 
     st.subheader("Summary by arm")
-    if unblinded:
-        st.dataframe(store.arm_summary(ratings))
+    if settings.unblinded:
+        st.dataframe(summarise(answers))
         return
     st.write("Hidden until you unblind the study. Unblinding is recorded and cannot be undone.")
     with st.form("unblind"):
@@ -751,7 +758,7 @@ def main() -> None:
             settings = store.study_settings(con)
             if st.query_params.get("page") == "admin":
                 page_frame(settings.default_lang)
-                admin_page(con, db, settings.unblinded)
+                admin_page(con, db, settings)
                 return
             token = st.query_params.get("token", "")
             rater = store.rater_for_token(con, token) if token else None

@@ -108,3 +108,18 @@ def add_votes(db: Database, rows: Iterable[Mapping[str, Any]]) -> int:
             save_choices(con, rater_ids[row["rater"]], int(row["position"]), choices, row.get("comment", ""), row.get("seconds", 0.0))
             saved += 1
     return saved
+
+
+def arm_summary(votes: pd.DataFrame) -> pd.DataFrame:
+    """Per dimension and arm, over the main comparisons: shown, wins, ties, losses and the win rate with ties
+    as half a win (unblinded: admin only, after unblinding; the analysis adds CIs and Bradley–Terry)."""
+    main = votes[votes["kind"] == "main"]
+    sides = [
+        pd.DataFrame({"dimension": main["dimension"], "arm": main[side], "won": main["choice"] == side, "tie": main["choice"] == "tie"})
+        for side in ("left", "right")
+    ]
+    summary = pd.concat(sides).groupby(["dimension", "arm"], sort=False).agg(comparisons=("won", "size"), wins=("won", "sum"), ties=("tie", "sum"))
+    summary["losses"] = summary["comparisons"] - summary["wins"] - summary["ties"]
+    summary["win_rate"] = (summary["wins"] + summary["ties"] / 2) / summary["comparisons"]
+    order = {key: index for index, key in enumerate(DIMENSION_KEYS)}
+    return summary.reset_index().sort_values(["dimension", "arm"], key=lambda c: c.map(order) if c.name == "dimension" else c).reset_index(drop=True)

@@ -27,7 +27,7 @@ import pandas as pd
 from fangzhi import studydb
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.studydb import qc_results, read_ratings  # noqa: F401  (the admin page's QC table and ratings)
+from fangzhi.studydb import qc_results, read_ratings, read_votes_and_qc  # noqa: F401  (the admin page's answers and QC tables)
 
 SNAPSHOT_INTERVAL_SECONDS = 1.0
 T = TypeVar("T")
@@ -354,13 +354,13 @@ def add_ratings(db: Database, rows: Iterable[Mapping[str, Any]]) -> int:
 # ---- for the admin page -------------------------------------------------------------------------
 
 
-def rater_progress(db: Database) -> pd.DataFrame:
-    """Per rater: items done of total, seconds spent, last save, revoked or not."""
+def rater_progress(db: Database, tables: AnswerTables = SCORE_TABLES) -> pd.DataFrame:
+    """Per rater: items (or comparisons, with the pairwise tables) done of total, seconds spent, last save, revoked or not."""
     return _query_df(
         db,
         f"""
         WITH done AS (
-            SELECT rater_id, position FROM scores GROUP BY rater_id, position HAVING count(*) = {len(DIMENSION_KEYS)}
+            SELECT rater_id, position FROM {tables.answers} GROUP BY rater_id, position HAVING count(*) = {len(DIMENSION_KEYS)}
         )
         SELECT r.name AS rater,
                count(DISTINCT d.position) AS done,
@@ -371,9 +371,9 @@ def rater_progress(db: Database) -> pd.DataFrame:
                v.revoked_at IS NOT NULL AS revoked
         FROM raters r
         LEFT JOIN revocations v ON v.rater_id = r.rater_id
-        JOIN assignments a ON a.rater_id = r.rater_id
+        JOIN {tables.items} a ON a.rater_id = r.rater_id
         LEFT JOIN done d ON d.rater_id = a.rater_id AND d.position = a.position
-        LEFT JOIN item_notes n ON n.rater_id = a.rater_id AND n.position = a.position
+        LEFT JOIN {tables.notes} n ON n.rater_id = a.rater_id AND n.position = a.position
         GROUP BY r.rater_id, r.name, v.revoked_at
         ORDER BY r.rater_id
         """,

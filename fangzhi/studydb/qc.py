@@ -77,3 +77,12 @@ def pairwise_attention_failures(rows: pd.DataFrame) -> pd.DataFrame:
     failed = ~checks[list(DIMENSION_KEYS)].eq(expected, axis=0).all(axis=1)
     summary = checks.assign(failed=failed).groupby("rater", sort=False)["failed"].agg(items="count", failures="sum")
     return summary.reset_index().astype({"rater": str, "items": int, "failures": int})
+
+
+def pairwise_qc_results(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per rater of a pairwise study, every rater of `rows` (its comparison rows): attention items passed and answered."""
+    failures = pairwise_attention_failures(rows).set_index("rater")
+    raters = pd.Series(rows["rater"].astype(str).unique(), name="rater")
+    answered = raters.map(failures["items"]).fillna(0).astype(int)
+    passed = answered - raters.map(failures["failures"]).fillna(0).astype(int)
+    return pd.DataFrame({"rater": raters, "attention_passed": passed, "attention_answered": answered})

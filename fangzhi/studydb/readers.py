@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
+from fangzhi.studydb.qc import pairwise_qc_results
 from fangzhi.studydb.connection import DUCKDB_CONFIG, require_study_file, snapshot_path
 from fangzhi.studydb.schema import BLANK_SIDE, stored_version, study_mode
 
@@ -117,6 +118,12 @@ def ratings_from_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def read_ratings(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """The ratings on an open connection (the rating app's own, for its admin page)."""
     return ratings_from_rows(study_rows(con))
+
+
+def read_votes_and_qc(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A pairwise study's votes and its per-rater attention results, on an open connection (for the admin page)."""
+    rows = study_rows(con, "pairwise")
+    return votes_from_rows(rows), pairwise_qc_results(rows)
 
 
 # ---- the snapshot ------------------------------------------------------------------------------
