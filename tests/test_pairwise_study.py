@@ -335,3 +335,22 @@ def test_admin_page_of_a_pairwise_study_shows_its_progress_attention_votes_and_a
         shown = int(((main["left_arm"] == arm) | (main["right_arm"] == arm)).sum())
         assert style.loc[arm, "comparisons"] == shown and style.loc[arm, "wins"] == expected_wins.get(arm, 0)
     assert style["ties"].sum() == 0 and BLANK_SIDE not in style.index
+
+
+def test_pairwise_save_over_another_tabs_save_asks_first(pairwise_app):
+    db, tokens = pairwise_app
+    alice = rater_id(db, "alice")
+    first, second = open_app(tokens["alice"]), open_app(tokens["alice"])
+    for tab in (first, second):
+        tab.button(key="start").click().run()
+    first = choose(first, dict.fromkeys(DIMENSION_KEYS, "left"))
+    second = choose(second, dict.fromkeys(DIMENSION_KEYS, "right"))
+    # The second tab's save is refused with a message naming the other tab's choices; its own stay on screen.
+    assert pairwise_store.comparison_view(db, alice, 0).choices == dict.fromkeys(DIMENSION_KEYS, "left")
+    warning = "\n".join(w.value for w in second.warning)
+    assert second.session_state["position"] == 0 and "另一个标签页或窗口" in warning and "左图更好" in warning
+    assert second.radio(key="0-style").value == "right"
+    # Saving again overwrites, knowingly.
+    second.button(key="save-0").click().run()
+    assert pairwise_store.comparison_view(db, alice, 0).choices == dict.fromkeys(DIMENSION_KEYS, "right")
+    assert second.session_state["position"] == 1

@@ -28,8 +28,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import defaultdict
-from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from streamlit.web.server.starlette.starlette_server_config import XSRF_COOKIE_N
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, store, study
+from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, save_guard, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
@@ -299,12 +297,6 @@ def padded_length(_con, db: str, max_side: int) -> int:
 
 
 @st.cache_resource
-def rater_locks() -> defaultdict[int, threading.Lock]:
-    """One lock per rater, so a conflict check and the save it guards run as one step across tabs."""
-    return defaultdict(threading.Lock)
-
-
-@st.cache_resource
 def admin_attempts() -> dict:
     return {"failures": 0, "locked_until": 0.0, "lock": threading.Lock()}
 
@@ -490,22 +482,15 @@ def apply_navigation(con, rater_id: int, complete: list[bool]) -> str | None:
     if any(score is None for score in answers.values()):
         st.session_state.notice = ("answer_all", {})
         return clicked
-    with rater_locks()[rater_id]:
-        loaded = st.session_state.setdefault("loaded_versions", {}).get(position)
-        current = store.item_version(con, rater_id, position)
-        if loaded is not None and current != loaded:
-            # Saved in another tab since this page was drawn: say so, keep this page's choices, and
-            # let a second Save overwrite knowingly.
-            saved = store.item_view(con, rater_id, position).scores
-            st.session_state.loaded_versions[position] = current
-            drafts[position] = (answers, comment)
-            ago = (datetime.now(timezone.utc) - current.changed_at).total_seconds()
-            st.session_state.notice = ("conflict", {"minutes": max(0, round(ago / 60)), "scores": saved})
-            return clicked
-        shown_at = st.session_state.setdefault("shown_at", {})
-        seconds = time.monotonic() - shown_at.pop(position, time.monotonic())
-        store.save_item(con, rater_id, position, answers, comment, seconds)
-        st.session_state.loaded_versions.pop(position, None)
+    conflict = save_guard.save_unless_changed(
+        con, store.SCORE_TABLES, rater_id, position,
+        lambda seconds: store.save_item(con, rater_id, position, answers, comment, seconds),
+        lambda: store.item_view(con, rater_id, position).scores,
+    )
+    if conflict:
+        drafts[position] = (answers, comment)  # this page's choices stay on screen for a knowing second Save
+        st.session_state.notice = ("conflict", conflict)
+        return clicked
     drafts.pop(position, None)
     following = next_position(store.completed_positions(con, rater_id), position)
     if following is not None:
@@ -520,7 +505,7 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
     total = len(complete)
     item = store.item_view(con, rater.rater_id, position)
     st.session_state.setdefault("shown_at", {}).setdefault(position, time.monotonic())
-    st.session_state.setdefault("loaded_versions", {}).setdefault(position, store.item_version(con, rater.rater_id, position))
+    save_guard.remember_version(con, store.SCORE_TABLES, rater.rater_id, position)
     draft_scores, draft_comment = st.session_state.get("drafts", {}).get(position, ({}, None))
     saved_signature = ",".join(str(item.scores.get(d.key, "")) for d in DIMENSIONS)
     st.html(
@@ -560,7 +545,7 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
         if notice == "answer_all":
             st.warning(i18n.text("answer_all", lang))
         elif notice == "conflict":
-            scores = ", ".join(f"{i18n.dimension_name(d.key, lang)} {fields['scores'][d.key]}" for d in DIMENSIONS if d.key in fields["scores"])
+            scores = ", ".join(f"{i18n.dimension_name(d.key, lang)} {fields['answers'][d.key]}" for d in DIMENSIONS if d.key in fields["answers"])
             st.warning(i18n.text("conflict", lang, minutes=fields["minutes"], scores=scores or "—"))
         with st.form(f"item-{position}", border=False), st.container(key="questions"):
             for dimension in DIMENSIONS:

@@ -207,6 +207,12 @@ _TEXT: dict[str, dict[str, str]] = {
         "en": "You have answered every comparison and all your choices are saved. You may close this page, or open one below to revise it.",
     },
     "pair_open": {"zh": "打开第几组", "en": "Open comparison number"},
+    "pair_conflict": {
+        "zh": "这一组在您打开本页之后，已在另一个标签页或窗口中修改并保存（约 {minutes} 分钟前；保存的选择：{choices}）。"
+        "下方保留了本页的选择；再次点击“保存并继续”将用它们覆盖。",
+        "en": "This comparison was changed and saved in another tab or window after you opened this page (about {minutes} min ago; "
+        "saved choices: {choices}). Your choices on this page are kept below; press Save & next again to overwrite with them.",
+    },
 }
 
 

@@ -24,13 +24,13 @@ import streamlit as st
 from PIL import Image
 
 from fangzhi.dimensions import DIMENSIONS
-from fangzhi.rating_app import i18n, media, pairwise_store, store
-from fangzhi.rating_app.pairwise_store import CHOICES
+from fangzhi.rating_app import i18n, media, pairwise_store, save_guard, store
+from fangzhi.rating_app.pairwise_store import CHOICE_TABLES, CHOICES
 
 BLANK_GREY = (128, 128, 128)
 SIDES = ("left", "right")
 # What this page remembers about the signed-in rater in their session.
-RATER_STATE = ("rater_id", "view", "position", "shown_at", "drafts", "notice")
+RATER_STATE = ("rater_id", "view", "position", "shown_at", "drafts", "loaded_versions", "notice")
 
 PAIR_CSS = """
 <style>
@@ -140,10 +140,17 @@ def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
             parts.go_to("item", position - 1)
         return clicked
     if any(choice is None for choice in answers.values()):
-        st.session_state.notice = "answer_all"
+        st.session_state.notice = ("answer_all", {})
         return clicked
-    seconds = time.monotonic() - st.session_state.setdefault("shown_at", {}).pop(position, time.monotonic())
-    pairwise_store.save_choices(con, rater_id, position, answers, comment, seconds)
+    conflict = save_guard.save_unless_changed(
+        con, CHOICE_TABLES, rater_id, position,
+        lambda seconds: pairwise_store.save_choices(con, rater_id, position, answers, comment, seconds),
+        lambda: pairwise_store.comparison_view(con, rater_id, position).choices,
+    )
+    if conflict:
+        drafts[position] = (answers, comment)  # this page's choices stay on screen for a knowing second Save
+        st.session_state.notice = ("conflict", conflict)
+        return clicked
     drafts.pop(position, None)
     following = parts.next_position(pairwise_store.completed_comparisons(con, rater_id), position)
     if following is None:
@@ -157,6 +164,7 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
     position = st.session_state.position
     comparison = pairwise_store.comparison_view(con, rater.rater_id, position)
     st.session_state.setdefault("shown_at", {}).setdefault(position, time.monotonic())
+    save_guard.remember_version(con, CHOICE_TABLES, rater.rater_id, position)
     draft, draft_comment = st.session_state.get("drafts", {}).get(position, ({}, None))
     saved_signature = ",".join(comparison.choices.get(d.key, "") for d in DIMENSIONS)
     st.html(PAIR_CSS)
@@ -185,9 +193,14 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
                 st.html(f'<img src="{url}" alt="">')
         st.caption(i18n.text("pair_reference", lang))
     parts.release_media(shown)
-    if st.session_state.pop("notice", None) == "answer_all":
-        st.warning(i18n.text("answer_all", lang))
     labels = {choice: i18n.text(f"pair_choice_{choice}", lang) for choice in CHOICES}
+    notice, fields = st.session_state.pop("notice", (None, {}))
+    if notice == "answer_all":
+        st.warning(i18n.text("answer_all", lang))
+    elif notice == "conflict":
+        saved = fields["answers"]
+        choices = ", ".join(f"{i18n.dimension_name(d.key, lang)} {labels[saved[d.key]]}" for d in DIMENSIONS if d.key in saved)
+        st.warning(i18n.text("pair_conflict", lang, minutes=fields["minutes"], choices=choices or "—"))
     with st.form(f"item-{position}", border=False), st.container(key="questions"):
         # The four questions in a row below the images (stacked on a phone), so that one comparison fits one screen.
         for dimension, column in zip(DIMENSIONS, st.columns(len(DIMENSIONS), gap="small")):

@@ -408,16 +408,16 @@ def set_unblinded(db: Database) -> None:
 
 @dataclass(frozen=True)
 class ItemVersion:
-    """How often an item's scores have changed, and when last: a save in another tab changes it."""
+    """How often an item's answers have changed, and when last: a save in another tab changes it."""
 
     changes: int
     changed_at: Any
 
 
-def item_version(db: Database, rater_id: int, position: int) -> ItemVersion:
+def item_version(db: Database, rater_id: int, position: int, tables: AnswerTables = SCORE_TABLES) -> ItemVersion:
     with _using(db) as con:
         changes, changed_at = con.execute(
-            "SELECT count(*), max(changed_at) FROM score_audit WHERE rater_id = ? AND position = ?", [rater_id, position]
+            f"SELECT count(*), max(changed_at) FROM {tables.audit} WHERE rater_id = ? AND position = ?", [rater_id, position]
         ).fetchone()
     return ItemVersion(changes, changed_at)
 
