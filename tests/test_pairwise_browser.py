@@ -18,6 +18,7 @@ from fangzhi.rating_app import sample, serve, store, study
 from test_rating_browser import DESKTOP, PHONE, browser, forbidden_strings, free_port, shot, wait_until_healthy  # noqa: F401 (browser: a fixture)
 
 ARMS = ("base", "lora_a", "lora_b")
+ADMIN_PASSWORD = "side by side"
 SIDE_IMAGES = ".st-key-pair-left img, .st-key-pair-right img"
 
 
@@ -30,7 +31,8 @@ def pairwise_app(tmp_path_factory):
     links = study.create_study(manifest, db, ["alice", "bob"], reference_images=references, qc_retest=1, qc_attention=1, mode="pairwise")
     port = free_port()
     log_path = folder / "streamlit.log"
-    server = subprocess.Popen(serve.streamlit_command("127.0.0.1", port), env=serve.streamlit_env(db), stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    env = {**serve.streamlit_env(db), "FANGZHI_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    server = subprocess.Popen(serve.streamlit_command("127.0.0.1", port), env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, server, log_path)
     yield {"db": db, "manifest": manifest, "url": url, "tokens": {name: token for name, token, _ in links}, "server": server}
@@ -120,3 +122,40 @@ def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, b
         if left_url in lengths and right_url in lengths:
             assert len(lengths[left_url]) == len(lengths[right_url])
     assert any(left in lengths and right in lengths for left, right in side_urls)
+
+
+def test_two_tabs_on_one_comparison_and_the_admin_page(pairwise_app, browser):  # noqa: F811
+    context = browser.new_context(viewport=DESKTOP)
+    tabs = [context.new_page() for _ in range(2)]
+    for tab in tabs:
+        tab.set_default_timeout(30_000)
+        tab.goto(f"{pairwise_app['url']}/?token={pairwise_app['tokens']['bob']}&item=2")
+        wait_for_comparison(tab, 1)
+    first, second = tabs
+    for key in ["1"] * 4 + ["Enter"]:
+        first.keyboard.press(key)
+    wait_for_comparison(first, 2)
+    # The second tab, opened before that save, is told about it instead of overwriting it, and keeps its own choices.
+    for key in ["2"] * 4 + ["Enter"]:
+        second.keyboard.press(key)
+    warning = second.get_by_text("另一个标签页或窗口")
+    warning.wait_for()
+    assert "左图更好" in warning.inner_text() and second.locator('.fz-pair[data-item="1"]').count() == 1
+    assert second.locator(".st-key-questions input[type=radio]:checked").count() == 4
+    shot(second, "pairwise_two_tabs")
+    time.sleep(2 * store.SNAPSHOT_INTERVAL_SECONDS)
+    rows = studydb.read_study(pairwise_app["db"]).rows
+    saved = rows[(rows["rater"] == "bob") & (rows["position"] == 1)].iloc[0]
+    assert [saved[key] for key in DIMENSION_KEYS] == ["left"] * 4
+    second.keyboard.press("Enter")  # a second Save overwrites, knowingly
+    wait_for_comparison(second, 2)
+
+    admin = context.new_page()
+    admin.set_default_timeout(30_000)
+    admin.goto(f"{pairwise_app['url']}/?page=admin")
+    admin.get_by_label("Admin password").fill(ADMIN_PASSWORD)
+    admin.get_by_role("button", name="Sign in").click()
+    admin.get_by_role("button", name="votes.csv").wait_for()
+    assert admin.get_by_text("Quality control").count() == 1
+    shot(admin, "pairwise_admin")
+    context.close()
