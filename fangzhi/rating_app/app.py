@@ -479,19 +479,13 @@ def apply_navigation(con, rater_id: int, complete: list[bool]) -> str | None:
         else:
             go_to("item", position - 1)
         return clicked
-    if any(score is None for score in answers.values()):
-        st.session_state.notice = ("answer_all", {})
-        return clicked
-    conflict = save_guard.save_unless_changed(
-        con, store.SCORE_TABLES, rater_id, position,
+    saved = save_guard.save_page_answers(
+        con, store.SCORE_TABLES, rater_id, position, answers, comment,
         lambda seconds: store.save_item(con, rater_id, position, answers, comment, seconds),
         lambda: store.item_view(con, rater_id, position).scores,
     )
-    if conflict:
-        drafts[position] = (answers, comment)  # this page's choices stay on screen for a knowing second Save
-        st.session_state.notice = ("conflict", conflict)
+    if not saved:
         return clicked
-    drafts.pop(position, None)
     following = next_position(store.completed_positions(con, rater_id), position)
     if following is not None:
         go_to("item", following)

@@ -139,19 +139,13 @@ def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
         else:
             parts.go_to("item", position - 1)
         return clicked
-    if any(choice is None for choice in answers.values()):
-        st.session_state.notice = ("answer_all", {})
-        return clicked
-    conflict = save_guard.save_unless_changed(
-        con, CHOICE_TABLES, rater_id, position,
+    saved = save_guard.save_page_answers(
+        con, CHOICE_TABLES, rater_id, position, answers, comment,
         lambda seconds: pairwise_store.save_choices(con, rater_id, position, answers, comment, seconds),
         lambda: pairwise_store.comparison_view(con, rater_id, position).choices,
     )
-    if conflict:
-        drafts[position] = (answers, comment)  # this page's choices stay on screen for a knowing second Save
-        st.session_state.notice = ("conflict", conflict)
+    if not saved:
         return clicked
-    drafts.pop(position, None)
     following = parts.next_position(pairwise_store.completed_comparisons(con, rater_id), position)
     if following is None:
         parts.go_to("done")

@@ -31,21 +31,27 @@ def remember_version(con, tables: store.AnswerTables, rater_id: int, position: i
     st.session_state.setdefault("loaded_versions", {}).setdefault(position, store.item_version(con, rater_id, position, tables))
 
 
-def save_unless_changed(con, tables: store.AnswerTables, rater_id: int, position: int, save: Callable[[float], None],
-                        saved_answers: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-    """Run `save(seconds on the item)` unless another tab saved the item since this page drew it.
-
-    Returns None after saving, or the conflict for the page's message: `minutes` since the other save and
-    `answers`, what it saved.
-    """
+def save_page_answers(con, tables: store.AnswerTables, rater_id: int, position: int, answers: dict[str, Any], comment: str,
+                      save: Callable[[float], None], saved_answers: Callable[[], dict[str, Any]]) -> bool:
+    """On the page's Save: run `save(seconds spent on the item)` and return True, unless a question is unanswered or
+    another tab saved the item since this page drew it. Then nothing is saved, the page's `notice` says which
+    (`answer_all`, or `conflict` with `minutes` since the other save and `answers`, what it saved), and after a
+    conflict the page's answers are kept as its draft, for a knowing second Save."""
+    if any(answer is None for answer in answers.values()):
+        st.session_state.notice = ("answer_all", {})
+        return False
+    drafts = st.session_state.setdefault("drafts", {})
     with rater_locks()[rater_id]:
         versions = st.session_state.setdefault("loaded_versions", {})
         current = store.item_version(con, rater_id, position, tables)
         if versions.get(position) not in (None, current):
             versions[position] = current
+            drafts[position] = (answers, comment)
             ago = (datetime.now(timezone.utc) - current.changed_at).total_seconds()
-            return {"minutes": max(0, round(ago / 60)), "answers": saved_answers()}
+            st.session_state.notice = ("conflict", {"minutes": max(0, round(ago / 60)), "answers": saved_answers()})
+            return False
         seconds = time.monotonic() - st.session_state.setdefault("shown_at", {}).pop(position, time.monotonic())
         save(seconds)
         versions.pop(position, None)
-    return None
+    drafts.pop(position, None)
+    return True
