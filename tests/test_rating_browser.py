@@ -318,6 +318,8 @@ def test_reference_painting_zooms_beside_the_rated_image(live_app, browser, view
     zoom.wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('.fz-zoom img')].every(i => i.complete && i.naturalWidth > 0)")
     shot(page, f"{name}_reference_zoom")
+    # The keys that drive the zoom view are named only where there is a keyboard.
+    assert page.get_by_text("按 Z 打开").is_visible() == (viewport is DESKTOP)
     rated, reference = zoom.locator(".fz-zoom-rated img"), zoom.locator(".fz-zoom-reference img")
     source = "i => i.src"
     assert rated.evaluate(source) == page.locator(".st-key-item-image img").evaluate(source)

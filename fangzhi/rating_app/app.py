@@ -77,7 +77,7 @@ header[data-testid="stHeader"] { display: none; }
 /* Streamlit's own connection dialog is English only; the page script shows the rater's language instead. */
 div[role="dialog"]:has(.stConnectionErrorDialog), [data-testid="stConnectionErrorDialog"] { display: none !important; }
 @media (max-width: 640px) {
-  .st-key-keyboard-hint { display: none; }
+  .st-key-keyboard-hint, .st-key-reference-keys { display: none; }  /* no keyboard on a phone */
   [data-testid="stMainBlockContainer"] { padding: 0.4rem 0.6rem 1rem; }
   .st-key-item-image img { max-height: 62vh; }
   .fz-reference img { height: 2.3rem; }
@@ -526,6 +526,8 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
                     f'data-reference-label="{_attribute(labels["reference"])}" data-close-label="{_attribute(labels["close"])}">{buttons}</div>'
                 )
             st.caption(i18n.text("reference", lang))
+            with st.container(key="reference-keys"):
+                st.caption(i18n.text("reference_keys", lang))
         release_media({("item", position)} | reference_keys(references))
     with side_column:
         st.text(i18n.text("item_counter", lang, k=position + 1, n=total) + " · " + i18n.text("progress", lang, done=sum(complete), total=total))

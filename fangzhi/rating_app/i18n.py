@@ -117,9 +117,10 @@ _TEXT: dict[str, dict[str, str]] = {
     "progress": {"zh": "已完成 {done} / {total}", "en": "{done} of {total} rated"},
     "item_counter": {"zh": "第 {k} 张，共 {n} 张", "en": "Image {k} of {n}"},
     "reference": {
-        "zh": "目标风格参考作品：点击一幅（或按 Z）即可与待评图像并排放大对比，← → 切换，Esc 返回。",
-        "en": "Reference paintings (target style): click one (or press Z) to see it large beside the rated image; ← → switch, Esc returns.",
+        "zh": "目标风格参考作品：点击一幅即可与待评图像并排放大对比。",
+        "en": "Reference paintings (target style): click one to see it large beside the rated image.",
     },
+    "reference_keys": {"zh": "键盘：按 Z 打开，← → 切换，Esc 返回。", "en": "Keyboard: Z opens them, ← → switch, Esc returns."},
     "zoom_rated": {"zh": "待评图像", "en": "Image being rated"},
     "zoom_reference": {"zh": "参考作品 {k} / {n}", "en": "Reference painting {k} of {n}"},
     "zoom_close": {"zh": "关闭（Esc）", "en": "Close (Esc)"},
