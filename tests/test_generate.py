@@ -216,14 +216,15 @@ def test_fused_and_unfused_lora_give_the_same_image(tiny_base, lora_dir, tmp_pat
     assert np.abs(pixels(tmp_path / "fused", fused[key]) - pixels(tmp_path / "fused", fused[("base", "xishan", 5)])).mean() > 0.3
 
 
-def test_compiled_unet_is_compiled_once_for_both_arms_and_a_short_last_batch(tiny_base, lora_dir, tmp_path: Path, monkeypatch):
+def test_compiled_unet_is_compiled_once_for_both_arms_and_a_short_last_batch(tiny_base, lora_dir, tmp_path: Path):
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
     # 5 seeds in batches of 4: a full and a short batch per arm, base then fused LoRA, with no recompilation.
-    generate(config(tiny_base, tmp_path / "compiled", loras=[{"path": str(lora_dir)}], limit_prompts=1, seeds=[0, 1, 2, 3, 4],
-                    steps=2, compile=True, contact_sheets=False))
+    # (config.patch, not monkeypatch: undoing a monkeypatch on dynamo's config module loses the setting.)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        generate(config(tiny_base, tmp_path / "compiled", loras=[{"path": str(lora_dir)}], limit_prompts=1, seeds=[0, 1, 2, 3, 4],
+                        steps=2, compile=True, contact_sheets=False))
     assert len(read_manifest(tmp_path / "compiled" / "manifest.jsonl", check_files=True)) == 10
 
 

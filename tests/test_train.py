@@ -346,7 +346,7 @@ def test_v_prediction_is_taken_from_the_base_scheduler(tiny_base, tmp_path: Path
     assert losses != epsilon_losses  # same data, noise and timesteps: only the target differs
 
 
-def test_compiled_training_matches_eager_and_compiles_once(tiny_base, tmp_path: Path, monkeypatch):
+def test_compiled_training_matches_eager_and_compiles_once(tiny_base, tmp_path: Path):
     # 8 paintings, batch 2: two full epochs with no short batch, so one compile must serve every step.
     settings = dict(max_steps=8, optimizer="adamw", data={"resolution": 64, "repeats": 1})
     train(tiny_config(tiny_base, tmp_path / "eager", **settings))
@@ -354,8 +354,8 @@ def test_compiled_training_matches_eager_and_compiles_once(tiny_base, tmp_path: 
 
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    train(tiny_config(tiny_base, tmp_path / "compiled", compile=True, **settings))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(tiny_config(tiny_base, tmp_path / "compiled", compile=True, **settings))
     assert counters["stats"]["unique_graphs"] >= 2  # the UNet and the text encoder really went through the compiler
     eager = load_file(str(tmp_path / "eager" / "pytorch_lora_weights.safetensors"))
     compiled = load_file(str(tmp_path / "compiled" / "pytorch_lora_weights.safetensors"))
