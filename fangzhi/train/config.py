@@ -59,7 +59,7 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(default=0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="frozen weights in fp16/bf16 on GPU; LoRA weights stay fp32")
     gradient_checkpointing: bool = False
-    compile: bool = Field(default=False, description="torch.compile the LoRA-adapted UNet and text encoder: fewer, fused kernels per step, after a one-off compile (minutes for SD v1.5)")
+    compile: bool = Field(default=False, description="torch.compile the LoRA-adapted UNet and text encoder: fewer, fused kernels per step, after a one-off compile (minutes for SD v1.5; once more for a short last batch)")
     cache_latents: bool = Field(default=False, description="encode each image with the VAE once; needs data.center_crop and no data.random_flip")
     noise_offset: float = Field(default=0.0, ge=0, description="adds noise_offset x per-channel noise, helping very dark/bright images")
     snr_gamma: float | None = Field(default=None, gt=0, description="min-SNR loss weighting gamma (5.0 is the paper's value); null disables")
