@@ -5,8 +5,8 @@
 # fused LoRA, unfused LoRA), fangzhi against plain diffusers (training steps/s and memory, generation
 # images/s end to end), CLIP scoring images/s, then one JSON + Markdown summary with the device, versions
 # and model FLOP utilisation. Everything it needs is built on the spot (random weights), once.
-# Then, in the time left before GPU_BENCH_LIMIT_S (default 440 s), the extras: training with `compile: true`
-# and a profile of the eager step (kernels and GPU-busy time per step), generation with a compiled UNet.
+# Then, in the time left before GPU_BENCH_LIMIT_S (default 440 s), the extras: training with `compile: true`,
+# with `cache_latents: true`, and a profile of the eager step (kernels and GPU-busy time per step), generation with a compiled UNet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

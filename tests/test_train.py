@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from fangzhi.cli import main
 from fangzhi.config import load_config
 from fangzhi.data import DEMO_DATASET, CaptionedImageDataset, load_training_entries
+from fangzhi.data.check import read_rgb
 from fangzhi.errors import FangzhiError
 from fangzhi.train import LoraSettings, TrainConfig, attach_lora, export_kohya, train
 
@@ -322,9 +323,26 @@ def test_optional_training_features_run_and_validation_images_are_written(tiny_b
     assert sorted(p.name for p in (out / "validation" / "epoch-001").glob("*.png")) == ["prompt00-seed0.png", "prompt00-seed1.png"]
 
 
-def test_cache_latents_with_random_augmentation_is_a_config_error():
+def test_cache_latents_with_random_crops_is_a_config_error():
     with pytest.raises(ValueError, match="cache_latents"):
-        TrainConfig.model_validate({"cache_latents": True, "data": {"random_flip": True}})
+        TrainConfig.model_validate({"cache_latents": True, "data": {"center_crop": False}})
+    TrainConfig.model_validate({"cache_latents": True, "data": {"random_flip": True}})  # both facings are cached
+
+
+def test_latent_cache_with_random_flips_matches_encoding_every_step_and_reads_each_image_once(tiny_base, tmp_path: Path, monkeypatch):
+    flips = {"resolution": 64, "random_flip": True, "center_crop": True, "repeats": 2}
+    train(tiny_config(tiny_base, tmp_path / "plain", max_steps=8, data=flips))
+    from fangzhi.data import torch_dataset
+
+    reads = []
+    monkeypatch.setattr(torch_dataset, "read_rgb", lambda path: reads.append(path) or read_rgb(path))
+    train(tiny_config(tiny_base, tmp_path / "cached", max_steps=8, data=flips, cache_latents=True))
+    assert len(reads) == len(set(reads)) == len(load_training_entries(tiny_config("unused", Path("unused")).data))
+    a = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "cached" / "pytorch_lora_weights.safetensors"))
+    assert any(a[key].abs().max() > 0 for key in a if ".lora_B." in key)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
 
 
 def test_v_prediction_is_taken_from_the_base_scheduler(tiny_base, tmp_path: Path):

@@ -15,8 +15,10 @@ from fangzhi.data.check import Entry, read_rgb
 class CaptionedImageDataset(torch.utils.data.Dataset):
     """Square training crops in [-1, 1] with captions that start with the trigger phrase.
 
-    Each item is `{"pixel_values": float tensor [3, R, R] in [-1, 1], "caption": str, "index": int}` where the
-    caption is "TRIGGER, caption" (the trigger is added here, never written into caption files).
+    Each item is `{"pixel_values": float tensor [3, R, R] in [-1, 1], "caption": str, "index": int, "flip": bool}`
+    where the caption is "TRIGGER, caption" (the trigger is added here, never written into caption files).
+    With `pixels=False` the image is not read and `pixel_values` is left out (training from cached latents
+    needs only the caption and which way the image faces).
     The image is converted to RGB, resized so its short side is `resolution` (Lanczos, which keeps
     fine brush lines when shrinking), then cropped to a square: centred, or at a random offset when
     `center_crop=False`; with `random_flip` it is mirrored left-right with probability 0.5.
@@ -41,6 +43,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
+        pixels: bool = True,
     ) -> None:
         if not entries:
             raise ValueError("CaptionedImageDataset needs at least one entry")
@@ -54,6 +57,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.pixels = pixels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -74,6 +78,9 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         drop_caption = rng.random() < self.caption_dropout
         flip = self.random_flip and rng.random() < 0.5
+        item = {"caption": "" if drop_caption else self.caption_for(entry), "index": index, "flip": flip}
+        if not self.pixels:
+            return item
 
         image, _ = read_rgb(entry.path)
         width, height = image.size
@@ -90,5 +97,4 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         if flip:
             image = ImageOps.mirror(image)
 
-        pixel_values = pil_to_tensor(image).float() / 127.5 - 1.0
-        return {"pixel_values": pixel_values, "caption": "" if drop_caption else self.caption_for(entry), "index": index}
+        return {"pixel_values": pil_to_tensor(image).float() / 127.5 - 1.0, **item}

@@ -60,7 +60,7 @@ class TrainConfig(StrictModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="frozen weights in fp16/bf16 on GPU; LoRA weights stay fp32")
     gradient_checkpointing: bool = False
     compile: bool = Field(default=False, description="torch.compile the LoRA-adapted UNet and text encoder: fewer, fused kernels per step, after a one-off compile (minutes for SD v1.5; once more for a short last batch)")
-    cache_latents: bool = Field(default=False, description="encode each image with the VAE once; needs data.center_crop and no data.random_flip")
+    cache_latents: bool = Field(default=False, description="encode each image (and, with data.random_flip, its mirror image) with the VAE once, before training: no image decoding or VAE encoding per step; needs data.center_crop")
     noise_offset: float = Field(default=0.0, ge=0, description="adds noise_offset x per-channel noise, helping very dark/bright images")
     snr_gamma: float | None = Field(default=None, gt=0, description="min-SNR loss weighting gamma (5.0 is the paper's value); null disables")
     seed: int = 0
@@ -72,6 +72,6 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cache_needs_fixed_crops(self) -> "TrainConfig":
-        if self.cache_latents and (self.data.random_flip or not self.data.center_crop):
-            raise ValueError("cache_latents needs fixed crops: set data.random_flip: false and data.center_crop: true, or cache_latents: false")
+        if self.cache_latents and not self.data.center_crop:
+            raise ValueError("cache_latents needs fixed crops: set data.center_crop: true, or cache_latents: false")
         return self

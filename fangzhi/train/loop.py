@@ -104,6 +104,20 @@ class TokenizingCollate:
         return batch
 
 
+@torch.no_grad()
+def _encode_every_image(vae, entries: list, cfg: TrainConfig, workers: int, device: torch.device) -> torch.Tensor:
+    """The VAE's Gaussian parameters of every training image, [image, facing, 8, h, w]: facing 0 as it is, and with
+    data.random_flip also facing 1, the mirror image (the crop is fixed, so these are all the views training sees)."""
+    images = CaptionedImageDataset(entries, resolution=cfg.data.resolution, trigger="", center_crop=True)
+    loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, num_workers=workers)
+    encoded = []
+    for batch in loader:
+        pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
+        views = [pixels, pixels.flip(-1)] if cfg.data.random_flip else [pixels]
+        encoded.append(torch.stack([vae.encode(view).latent_dist.parameters for view in views], dim=1))
+    return torch.cat(encoded)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train a style LoRA as `cfg` says; returns the path of pytorch_lora_weights.safetensors."""
     entries = load_training_entries(cfg.data)  # refuses bad data before any model is loaded
@@ -174,6 +188,7 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
         center_crop=cfg.data.center_crop,
         random_flip=cfg.data.random_flip,
         seed=cfg.seed,
+        pixels=not cfg.cache_latents,
     )
     workers = cfg.dataloader_workers if cfg.dataloader_workers is not None else (4 if on_gpu else 0)
     dataloader = torch.utils.data.DataLoader(
@@ -211,22 +226,16 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
     if accelerator.num_processes > 1:
         print(f"[process {accelerator.process_index}] training on {accelerator.device}, {accelerator.num_processes} processes", flush=True)
 
-    latent_cache: dict[int, torch.Tensor] = {}
+    # With cache_latents, every image is encoded once here and the steps read no image at all.
+    latent_cache = _encode_every_image(vae, entries, cfg, workers, accelerator.device) if cfg.cache_latents else None
 
-    def encode_latents(pixel_values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        # The cache stores the VAE's Gaussian parameters, so cached and uncached runs sample the same latents.
-        if cfg.cache_latents:
-            missing = [i for i in indices.tolist() if i % len(entries) not in latent_cache]
-            if missing:
-                with torch.no_grad():
-                    params = vae.encode(pixel_values.to(accelerator.device, dtype=vae.dtype, non_blocking=True)).latent_dist.parameters
-                for row, i in enumerate(indices.tolist()):
-                    latent_cache.setdefault(i % len(entries), params[row])
-            params = torch.stack([latent_cache[i % len(entries)] for i in indices.tolist()])
-            distribution = DiagonalGaussianDistribution(params)
+    def encode_latents(batch: dict) -> torch.Tensor:
+        # The cache holds the VAE's Gaussian parameters, so cached and uncached runs sample the same latents.
+        if latent_cache is not None:
+            distribution = DiagonalGaussianDistribution(latent_cache[batch["index"] % len(entries), batch["flip"].long()])
         else:
             with torch.no_grad():
-                distribution = vae.encode(pixel_values.to(accelerator.device, dtype=vae.dtype, non_blocking=True)).latent_dist
+                distribution = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=vae.dtype, non_blocking=True)).latent_dist
         return distribution.sample(generator=noise_generator) * vae.config.scaling_factor
 
     loss_csv = out_dir / "loss.csv"
@@ -280,7 +289,7 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
         for batch in batches:
             micro_batch += 1
             with accelerator.accumulate(*trained.values()):
-                latents = encode_latents(batch["pixel_values"], batch["index"])
+                latents = encode_latents(batch)
                 noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device, dtype=latents.dtype)
                 if cfg.noise_offset:
                     noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator, device=latents.device, dtype=latents.dtype)
