@@ -149,6 +149,12 @@ def test_two_tabs_on_one_comparison_and_the_admin_page(pairwise_app, browser):  
     assert [saved[key] for key in DIMENSION_KEYS] == ["left"] * 4
     second.keyboard.press("Enter")  # a second Save overwrites, knowingly
     wait_for_comparison(second, 2)
+    # The list of all comparisons: both sides as thumbnails, and the one just saved shown as answered.
+    second.get_by_role("button", name="全部比较").click()
+    second.get_by_text("我的选择").wait_for()
+    second.wait_for_timeout(1000)  # the table draws its thumbnails on a canvas
+    shot(second, "pairwise_review")
+    assert second.get_by_text("已完成 1 / 20 组").count() == 1
 
     admin = context.new_page()
     admin.set_default_timeout(30_000)

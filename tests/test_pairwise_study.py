@@ -354,3 +354,29 @@ def test_pairwise_save_over_another_tabs_save_asks_first(pairwise_app):
     second.button(key="save-0").click().run()
     assert pairwise_store.comparison_view(db, alice, 0).choices == dict.fromkeys(DIMENSION_KEYS, "right")
     assert second.session_state["position"] == 1
+
+
+def test_pairwise_review_lists_every_comparison_blind_and_opens_any(pairwise_app):
+    import base64
+
+    db, tokens = pairwise_app
+    total = len(pairwise_store.completed_comparisons(db, rater_id(db, "alice")))
+    at = open_app(tokens["alice"])
+    at.button(key="start").click().run()
+    at = choose(at, {"style": "left", "match": "right", "detail": "tie", "beauty": "left"})
+    at.radio(key="1-style").set_value("right")
+    at.button(key="overview-1").click().run()
+    assert not at.exception and at.session_state["view"] == "review" and at.query_params["view"] == "review"
+    table = at.dataframe[0].value
+    assert list(table["#"]) == list(range(1, total + 1))
+    assert list(table["status"][:2]) == ["已答", "未答"]
+    assert [table[key][0] for key in DIMENSION_KEYS] == ["左图更好", "右图更好", "一样", "左图更好"]
+    assert all(table[key][1] == "" for key in DIMENSION_KEYS)
+    # Thumbnails of both sides, blank sides included, all of one byte length: their size tells nothing.
+    thumbnails = [base64.b64decode(cell.split(",", 1)[1]) for side in ("left", "right") for cell in table[side]]
+    assert len({len(thumbnail) for thumbnail in thumbnails}) == 1
+    at.number_input(key="open-number").set_value(2)
+    next(b for b in at.button if b.label == "打开").click().run()
+    # Back on comparison 2, with the choice made before leaving it.
+    assert at.session_state["view"] == "item" and at.session_state["position"] == 1
+    assert at.radio(key="1-style").value == "right"

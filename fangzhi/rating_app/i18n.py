@@ -207,7 +207,11 @@ _TEXT: dict[str, dict[str, str]] = {
         "zh": "您已完成全部比较，选择均已保存。您可以关闭此页面，或在下方打开某一组修改。",
         "en": "You have answered every comparison and all your choices are saved. You may close this page, or open one below to revise it.",
     },
-    "pair_open": {"zh": "打开第几组", "en": "Open comparison number"},
+    "pair_open": {"zh": "打开第几组（也可点选表格中的一行）", "en": "Open comparison number (or pick a row in the table)"},
+    "pair_overview": {"zh": "全部比较", "en": "All comparisons"},
+    "pair_review_title": {"zh": "我的选择", "en": "My choices"},
+    "pair_status_done": {"zh": "已答", "en": "answered"},
+    "pair_status_open": {"zh": "未答", "en": "not answered"},
     "pair_conflict": {
         "zh": "这一组在您打开本页之后，已在另一个标签页或窗口中修改并保存（约 {minutes} 分钟前；保存的选择：{choices}）。"
         "下方保留了本页的选择；再次点击“保存并继续”将用它们覆盖。",

@@ -13,6 +13,7 @@ at the size of the image beside it, and padded like any other.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import secrets
@@ -106,14 +107,48 @@ def instructions_page(parts: AppParts, complete: list[bool], lang: str) -> None:
         st.rerun()
 
 
-def done_page(parts: AppParts, total: int, lang: str) -> None:
-    st.title(i18n.text("thanks_title", lang))
-    st.success(i18n.text("pair_thanks", lang))
+def review_page(con, parts: AppParts, rater: store.Rater, complete: list[bool], lang: str, finished: bool = False) -> None:
+    """Every comparison with its two sides as thumbnails, whether it is answered and the choices; any can be opened."""
+    if finished:
+        st.title(i18n.text("thanks_title", lang))
+        st.success(i18n.text("pair_thanks", lang))
+    st.subheader(i18n.text("pair_review_title", lang))
+    st.text(i18n.text("pair_progress", lang, done=sum(complete), total=len(complete)))
+    first_open = next((position for position, done in enumerate(complete) if not done), None)
+    if first_open is not None and st.button(i18n.text("continue", lang), type="primary", key="continue"):
+        parts.go_to("item", first_open)
+        st.rerun()
+    views = [pairwise_store.comparison_view(con, rater.rater_id, position) for position in range(len(complete))]
+    labels = {choice: i18n.text(f"pair_choice_{choice}", lang) for choice in CHOICES}
+
+    def thumbnail(view: pairwise_store.ComparisonView, side: str) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode(side_image(parts, view, side, media.THUMBNAIL_MAX_SIDE)).decode("ascii")
+
+    table = {
+        "#": [view.position + 1 for view in views],
+        **{side: [thumbnail(view, side) for view in views] for side in SIDES},
+        "status": [i18n.text("pair_status_done" if done else "pair_status_open", lang) for done in complete],
+        **{d.key: [labels.get(view.choices.get(d.key), "") for view in views] for d in DIMENSIONS},
+    }
+    columns = {
+        "#": st.column_config.NumberColumn("#", width="small"),
+        **{side: st.column_config.ImageColumn(i18n.text(f"pair_{side}", lang), width="small") for side in SIDES},
+        "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
+        **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
+    }
+    selection = st.dataframe(
+        table, column_config=columns, hide_index=True, row_height=64, height=min(560, 40 + 65 * len(views)),
+        on_select="rerun", selection_mode="single-row", key="review-table",
+    )
+    chosen = selection.selection.rows if selection else []
     with st.form("open-item", border=False):
-        number = st.number_input(i18n.text("pair_open", lang), min_value=1, max_value=total, step=1, value=None, key="open-number")
+        number = st.number_input(i18n.text("pair_open", lang), min_value=1, max_value=len(views), step=1, value=None, key="open-number")
         if st.form_submit_button(i18n.text("open", lang), type="primary") and number:
-            parts.go_to("item", int(number) - 1)
-            st.rerun()
+            chosen = [int(number) - 1]
+    if chosen:
+        st.session_state.pop("review-table", None)
+        parts.go_to("item", chosen[0])
+        st.rerun()
 
 
 def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
@@ -125,16 +160,18 @@ def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
     position = st.session_state.get("position")
     if st.session_state.get("view") != "item" or position is None:
         return None
-    clicked = next((name for name in ("save", "back") if st.session_state.get(f"{name}-{position}")), None)
+    clicked = next((name for name in ("save", "back", "overview") if st.session_state.get(f"{name}-{position}")), None)
     if clicked is None:
         return None
     answers = {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
     comment = st.session_state.get(f"{position}-comment", "")
     drafts = st.session_state.setdefault("drafts", {})
-    if clicked == "back":
+    if clicked != "save":
         drafts[position] = (answers, comment)  # kept for when the rater comes back
         st.session_state.get("shown_at", {}).pop(position, None)
-        if position == 0:
+        if clicked == "overview":
+            parts.go_to("review")
+        elif position == 0:
             parts.go_to("start")
         else:
             parts.go_to("item", position - 1)
@@ -209,6 +246,7 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
         )
         with st.container(horizontal=True, gap="small"):
             st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
+            st.form_submit_button(i18n.text("pair_overview", lang), key=f"overview-{position}")
             st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
     with st.container(key="keyboard-hint"):
         st.caption(i18n.text("pair_keyboard_hint", lang))
@@ -230,7 +268,8 @@ def rater_flow(con, parts: AppParts, rater: store.Rater, references: tuple[str, 
         if item.isdigit() and 1 <= int(item) <= len(complete):
             parts.go_to("item", int(item) - 1)
         else:
-            parts.go_to("done" if st.query_params.get("view") == "done" else "start")
+            view = st.query_params.get("view")
+            parts.go_to(view if view in ("done", "review") else "start")
     elif apply_navigation(con, parts, rater.rater_id) == "save":
         complete = pairwise_store.completed_comparisons(con, rater.rater_id)
     view = st.session_state.view
@@ -238,8 +277,8 @@ def rater_flow(con, parts: AppParts, rater: store.Rater, references: tuple[str, 
         parts.release_media(set())
     if view == "start":
         instructions_page(parts, complete, lang)
-    elif view == "done":
-        done_page(parts, len(complete), lang)
+    elif view in ("done", "review"):
+        review_page(con, parts, rater, complete, lang, finished=view == "done")
     else:
         comparison_page(con, parts, rater, complete, references, lang)
         if fresh and apply_navigation(con, parts, rater.rater_id):
