@@ -43,7 +43,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENS = Path(__file__).resolve().parents[1] / "results" / "screens"
 DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
-RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan"]
 
 if not Path(CHROMIUM).is_file() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); in CI this test fails instead", allow_module_level=True)
@@ -260,6 +260,21 @@ def test_desktop_one_screen_per_item_and_five_items_by_keyboard(live_app, browse
     (SCREENS / "save_to_next_item.json").write_text(
         json.dumps({"viewport": "1440x900", "seconds": [round(t, 3) for t in timings], "median_seconds": round(statistics.median(timings), 3)})
     )
+
+
+def test_digits_typed_before_the_next_item_is_drawn_go_to_it(live_app, browser):
+    # A fast rater types the next item's scores right after Enter, before the page has drawn that item.
+    page = open_rater(browser, live_app["url"], live_app["tokens"]["ivan"])
+    typed = [[2, 3, 4, 5], [5, 4, 3, 2], [1, 5, 1, 5]]
+    for scores in typed:
+        for score in scores:
+            page.keyboard.press(str(score))
+        page.keyboard.press("Enter")
+    wait_for_item(page, 3)
+    assert checked_count(page) == 0  # nothing typed for item 4 reached it
+    rows = stored_items(live_app["db"]).query("rater == 'ivan'").sort_values("position")
+    assert [[int(row[key]) for key in DIMENSION_KEYS] for _, row in rows.head(3).iterrows()] == typed
+    page.context.close()
 
 
 def test_english_item_fits_one_screen_too(live_app, browser):

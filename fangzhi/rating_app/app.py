@@ -95,6 +95,11 @@ PAGE_SCRIPT = r"""
   if (window.fangzhiPage) return;
   window.fangzhiPage = true;
   let current = 0, shownItem = null, restoredFor = null, failures = 0, lastAnswers = null;
+  // Digits and Enter typed while the page is between items (a Save on its way, or the item's questions not
+  // drawn yet) wait here, in order, and go to the item that appears: never to the item just saved. If none
+  // appears within SAVE_WAIT_MS (the Save was refused, or the server is slow) they are dropped.
+  let pending = [], pendingAt = 0, pendingAfter = null, lastSave = {at: 0, item: null};
+  const SAVE_WAIT_MS = 1000;
   const marker = () => document.querySelector('.fz-item');
   const questions = () => [...document.querySelectorAll('.st-key-questions [data-testid="stRadio"]')];
   const choices = (q) => [...q.querySelectorAll('input[type="radio"]')];
@@ -146,8 +151,43 @@ PAGE_SCRIPT = r"""
       if (chosen === current) current = Math.min(chosen + 1, now.length - 1);
     }
     lastAnswers = {item, values: now};
+    const moved = pendingAfter === null || (m && m.dataset.item !== pendingAfter);
+    if (pending.length && moved && ready()) {
+      if (pending[0] === 'Enter') {
+        // A tick after the choices it follows, so that the form sends them.
+        pending.shift();
+        pendingAfter = m.dataset.item;
+        pendingAt = performance.now();
+        clickSave();
+      } else {
+        while (pending.length && pending[0] !== 'Enter' && questions()[current]) {
+          choose(questions()[current], Number(pending.shift()) - 1);
+          current = Math.min(current + 1, questions().length - 1);
+        }
+      }
+    } else if (pending.length && performance.now() - pendingAt > SAVE_WAIT_MS) {
+      pending = [];
+    }
     highlight();
   }, 80);
+  const saving = (m) => lastSave.item === m.dataset.item && performance.now() - lastSave.at < SAVE_WAIT_MS;
+  const clickSave = () => document.querySelector(`.st-key-save-${marker().dataset.item} button`)?.click();
+  // Keeps a key for the item to come when the page is between items, or other keys are waiting already.
+  function later(e) {
+    if (ready() && !pending.length) return false;
+    if (!pending.length) pendingAfter = saving(marker()) ? marker().dataset.item : null;
+    pending.push(e.key);
+    pendingAt = performance.now();
+    e.preventDefault();
+    e.stopPropagation();
+    return true;
+  }
+  // Whether digits can score the item on the page now: its questions are drawn and no Save of it is on its way.
+  function ready() {
+    const m = marker();
+    if (!m || shownItem !== `${m.dataset.rater}-${m.dataset.item}` || !document.querySelector(`.st-key-${m.dataset.item}-${m.dataset.first}`)) return false;
+    return !saving(m);
+  }
   // The zoom view: a reference painting at full size beside the rated image (stacked on a portrait screen).
   const zoomView = () => document.querySelector('.fz-zoom');
   const referenceButtons = () => [...document.querySelectorAll('.fz-reference')];
@@ -211,6 +251,7 @@ PAGE_SCRIPT = r"""
       openZoom(0);
       e.preventDefault();
     } else if (e.key >= '1' && e.key <= '5') {
+      if (later(e)) return;
       const q = questions()[current];
       if (!q) return;
       choose(q, Number(e.key) - 1);
@@ -219,8 +260,9 @@ PAGE_SCRIPT = r"""
       e.preventDefault();
       e.stopPropagation();
     } else if (e.key === 'Enter' && !(t && t.tagName === 'BUTTON')) {
+      if (later(e)) return;
       // Also when a choice has focus, where Streamlit's own shortcut does not fire.
-      document.querySelector(`.st-key-save-${marker().dataset.item} button`)?.click();
+      clickSave();
       e.preventDefault();
       e.stopPropagation();
     } else if (e.key === 'ArrowUp' || e.key === 'ArrowDown') {
@@ -232,7 +274,6 @@ PAGE_SCRIPT = r"""
   }, true);
   // A double click (or Enter pressed twice) saves once: another Save click on the same item
   // within SAVE_PAUSE_MS is dropped. (The server also ignores a Save for an item no longer shown.)
-  let lastSave = {at: 0, item: null};
   const SAVE_PAUSE_MS = 700;
   document.addEventListener('click', (e) => {
     const button = e.target.closest && e.target.closest('[class*="st-key-save-"]');
