@@ -314,6 +314,10 @@ def test_phone_image_first_then_questions(live_app, browser):
     wait_for_item(page, 2)
     page.get_by_text("已恢复您在本页尚未保存的选择").wait_for()
     assert checked_count(page) == 2
+    # The next key goes to the first question left open, and the note stands above the questions.
+    third = page.locator(".st-key-questions [data-testid=stRadio]").nth(2)
+    page.wait_for_function("q => q.classList.contains('fz-current')", arg=third.element_handle())
+    assert page.locator(".fz-restored + .st-key-questions, .fz-restored ~ .st-key-questions").count() == 1
 
 
 def shown_size(locator) -> tuple[float, float]:

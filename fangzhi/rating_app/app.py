@@ -120,11 +120,14 @@ PAGE_SCRIPT = r"""
     if (draft.saved !== m.dataset.saved) { localStorage.removeItem(draftKey(m)); return; }
     if (answers().some((a) => a >= 0) || !draft.answers.some((a) => a >= 0)) return;
     questions().forEach((q, i) => { if (draft.answers[i] >= 0) choose(q, draft.answers[i]); });
+    const open = draft.answers.findIndex((a) => a < 0);
+    current = open < 0 ? 0 : open;
     const note = document.createElement('div');
     note.className = 'fz-restored';
     note.textContent = m.dataset.restored;
     note.style.cssText = 'color:#8a4b00;font-size:0.9rem;margin:0.2rem 0';
-    questions()[0]?.before(note);
+    // Above the questions as a whole (on the pairwise page they stand in columns).
+    document.querySelector('.st-key-questions')?.before(note);
   }
   setInterval(() => {
     const m = marker();
