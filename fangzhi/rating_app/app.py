@@ -36,7 +36,7 @@ from streamlit.web.server.starlette.starlette_server_config import XSRF_COOKIE_N
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, save_guard, store, study
+from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, review_table, save_guard, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
@@ -479,18 +479,9 @@ def review_page(con, db: str, rater: store.Rater, lang: str) -> None:
         "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
         **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
     }
-    selection = st.dataframe(
-        table, column_config=columns, hide_index=True, row_height=64, height=min(560, 40 + 65 * len(rows)),
-        on_select="rerun", selection_mode="single-row", key="review-table",
-    )
-    chosen = selection.selection.rows if selection else []
-    with st.form("open-item", border=False):
-        number = st.number_input(i18n.text("open_item", lang), min_value=1, max_value=len(rows), step=1, value=None, key="open-number")
-        if st.form_submit_button(i18n.text("open", lang), type="primary") and number:
-            chosen = [int(number) - 1]
-    if chosen:
-        st.session_state.pop("review-table", None)
-        go_to("item", chosen[0])
+    chosen = review_table.picked_row(table, columns, i18n.text("open_item", lang), i18n.text("open", lang))
+    if chosen is not None:
+        go_to("item", chosen)
         st.rerun()
 
 

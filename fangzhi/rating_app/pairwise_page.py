@@ -25,7 +25,7 @@ import streamlit as st
 from PIL import Image
 
 from fangzhi.dimensions import DIMENSIONS
-from fangzhi.rating_app import i18n, media, pairwise_store, save_guard, store
+from fangzhi.rating_app import i18n, media, pairwise_store, review_table, save_guard, store
 from fangzhi.rating_app.pairwise_store import CHOICE_TABLES, CHOICES
 
 BLANK_GREY = (128, 128, 128)
@@ -136,18 +136,9 @@ def review_page(con, parts: AppParts, rater: store.Rater, complete: list[bool], 
         "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
         **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
     }
-    selection = st.dataframe(
-        table, column_config=columns, hide_index=True, row_height=64, height=min(560, 40 + 65 * len(views)),
-        on_select="rerun", selection_mode="single-row", key="review-table",
-    )
-    chosen = selection.selection.rows if selection else []
-    with st.form("open-item", border=False):
-        number = st.number_input(i18n.text("pair_open", lang), min_value=1, max_value=len(views), step=1, value=None, key="open-number")
-        if st.form_submit_button(i18n.text("open", lang), type="primary") and number:
-            chosen = [int(number) - 1]
-    if chosen:
-        st.session_state.pop("review-table", None)
-        parts.go_to("item", chosen[0])
+    chosen = review_table.picked_row(table, columns, i18n.text("pair_open", lang), i18n.text("open", lang))
+    if chosen is not None:
+        parts.go_to("item", chosen)
         st.rerun()
 
 
