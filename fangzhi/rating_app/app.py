@@ -36,7 +36,7 @@ from streamlit.web.server.starlette.starlette_server_config import XSRF_COOKIE_N
 
 from fangzhi.dimensions import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, review_table, save_guard, store, study
+from fangzhi.rating_app import i18n, media, media_access, pairwise_page, pairwise_store, item_form, save_guard, store, study
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, LINKS_ENV
 
 ADMIN_PASSWORD_ENV = "FANGZHI_ADMIN_PASSWORD"
@@ -479,54 +479,41 @@ def review_page(con, db: str, rater: store.Rater, lang: str) -> None:
         "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
         **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
     }
-    chosen = review_table.picked_row(table, columns, i18n.text("open_item", lang), i18n.text("open", lang))
+    chosen = item_form.picked_row(table, columns, i18n.text("open_item", lang), i18n.text("open", lang))
     if chosen is not None:
         go_to("item", chosen)
         st.rerun()
 
 
-def submitted_answers(position: int) -> dict[str, int | None]:
-    return {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
-
-
 def apply_navigation(con, rater_id: int, complete: list[bool]) -> str | None:
     """Act on the Save, Back or All-images click that started this run; returns which was clicked.
 
-    Runs before the page is drawn, so that a save and drawing the next item take one run. The
-    buttons are keyed by the item's position, so a second click on one item's Save that arrives
-    after the first has moved on (a double click) finds no button of the item now shown and does nothing.
+    Runs before the page is drawn, so that a save and drawing the next item take one run.
     """
-    position = st.session_state.get("position")
-    if st.session_state.get("view") != "item" or position is None:
+    form = item_form.submitted()
+    if form is None:
         return None
-    drafts = st.session_state.setdefault("drafts", {})
-    clicked = next((name for name in ("save", "back", "overview") if st.session_state.get(f"{name}-{position}")), None)
-    if clicked is None:
-        return None
-    answers = submitted_answers(position)
-    comment = st.session_state.get(f"{position}-comment", "")
-    if clicked != "save":
-        # Leaving without saving keeps the choices for when the rater comes back.
-        drafts[position] = (answers, comment)
-        st.session_state.get("shown_at", {}).pop(position, None)
-        if clicked == "overview" or position == 0:
+    position = form.position
+    if form.clicked != "save":
+        item_form.keep_draft(form)
+        if form.clicked == "overview" or position == 0:
             go_to("review")
         else:
             go_to("item", position - 1)
-        return clicked
+        return form.clicked
     saved = save_guard.save_page_answers(
-        con, store.SCORE_TABLES, rater_id, position, answers, comment,
-        lambda seconds: store.save_item(con, rater_id, position, answers, comment, seconds),
+        con, store.SCORE_TABLES, rater_id, position, form.answers, form.comment,
+        lambda seconds: store.save_item(con, rater_id, position, form.answers, form.comment, seconds),
         lambda: store.item_view(con, rater_id, position).scores,
     )
     if not saved:
-        return clicked
+        return form.clicked
     following = next_position(store.completed_positions(con, rater_id), position)
     if following is not None:
         go_to("item", following)
     else:
         go_to("review" if all(complete) else "done")  # the thank-you page once, when the last item is rated
-    return clicked
+    return form.clicked
 
 
 def item_page(con, db: str, rater: store.Rater, complete: list[bool], references: tuple[str, ...], lang: str) -> None:
@@ -589,16 +576,9 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
                     horizontal=True,
                     key=f"{position}-{dimension.key}",
                 )
-            st.text_input(
-                i18n.text("comment", lang), value=draft_comment if draft_comment is not None else item.comment, max_chars=2000,
-                key=f"{position}-comment",
-            )
-            with st.container(horizontal=True, gap="small"):
-                st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
-                st.form_submit_button(i18n.text("overview", lang), key=f"overview-{position}")
-                st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
-        with st.container(key="keyboard-hint"):
-            st.caption(i18n.text("keyboard_hint", lang))
+            comment = draft_comment if draft_comment is not None else item.comment
+            item_form.form_end(position, comment, i18n.text("overview", lang), lang)
+        item_form.keyboard_hint(i18n.text("keyboard_hint", lang))
 
 
 def restore_view(complete: list[bool]) -> None:

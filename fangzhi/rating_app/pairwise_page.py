@@ -25,7 +25,7 @@ import streamlit as st
 from PIL import Image
 
 from fangzhi.dimensions import DIMENSIONS
-from fangzhi.rating_app import i18n, media, pairwise_store, review_table, save_guard, store
+from fangzhi.rating_app import i18n, item_form, media, pairwise_store, save_guard, store
 from fangzhi.rating_app.pairwise_store import CHOICE_TABLES, CHOICES
 
 BLANK_GREY = (128, 128, 128)
@@ -136,50 +136,40 @@ def review_page(con, parts: AppParts, rater: store.Rater, complete: list[bool], 
         "status": st.column_config.TextColumn(i18n.text("column_status", lang), width="small"),
         **{d.key: st.column_config.TextColumn(i18n.dimension_name(d.key, lang)) for d in DIMENSIONS},
     }
-    chosen = review_table.picked_row(table, columns, i18n.text("pair_open", lang), i18n.text("open", lang))
+    chosen = item_form.picked_row(table, columns, i18n.text("pair_open", lang), i18n.text("open", lang))
     if chosen is not None:
         parts.go_to("item", chosen)
         st.rerun()
 
 
 def apply_navigation(con, parts: AppParts, rater_id: int) -> str | None:
-    """Act on the Save or Back click that started this run (before the page is drawn); returns which was clicked.
-
-    The buttons are keyed by the comparison's position, so a late second click on a Save whose
-    comparison has been left finds no button and does nothing.
-    """
-    position = st.session_state.get("position")
-    if st.session_state.get("view") != "item" or position is None:
+    """Act on the Save, Back or All-comparisons click that started this run (before the page is drawn); returns which was clicked."""
+    form = item_form.submitted()
+    if form is None:
         return None
-    clicked = next((name for name in ("save", "back", "overview") if st.session_state.get(f"{name}-{position}")), None)
-    if clicked is None:
-        return None
-    answers = {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
-    comment = st.session_state.get(f"{position}-comment", "")
-    drafts = st.session_state.setdefault("drafts", {})
-    if clicked != "save":
-        drafts[position] = (answers, comment)  # kept for when the rater comes back
-        st.session_state.get("shown_at", {}).pop(position, None)
-        if clicked == "overview":
+    position = form.position
+    if form.clicked != "save":
+        item_form.keep_draft(form)
+        if form.clicked == "overview":
             parts.go_to("review")
         elif position == 0:
             parts.go_to("start")
         else:
             parts.go_to("item", position - 1)
-        return clicked
+        return form.clicked
     saved = save_guard.save_page_answers(
-        con, CHOICE_TABLES, rater_id, position, answers, comment,
-        lambda seconds: pairwise_store.save_choices(con, rater_id, position, answers, comment, seconds),
+        con, CHOICE_TABLES, rater_id, position, form.answers, form.comment,
+        lambda seconds: pairwise_store.save_choices(con, rater_id, position, form.answers, form.comment, seconds),
         lambda: pairwise_store.comparison_view(con, rater_id, position).choices,
     )
     if not saved:
-        return clicked
+        return form.clicked
     following = parts.next_position(pairwise_store.completed_comparisons(con, rater_id), position)
     if following is None:
         parts.go_to("done")
     else:
         parts.go_to("item", following)
-    return clicked
+    return form.clicked
 
 
 def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[bool], references: tuple[str, ...], lang: str) -> None:
@@ -231,16 +221,9 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
                 f"**{i18n.dimension_name(dimension.key, lang)}**", options=list(CHOICES), format_func=labels.get,
                 index=CHOICES.index(previous) if previous else None, horizontal=True, key=f"{position}-{dimension.key}",
             )
-        st.text_input(
-            i18n.text("comment", lang), value=draft_comment if draft_comment is not None else comparison.comment, max_chars=2000,
-            key=f"{position}-comment",
-        )
-        with st.container(horizontal=True, gap="small"):
-            st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
-            st.form_submit_button(i18n.text("pair_overview", lang), key=f"overview-{position}")
-            st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
-    with st.container(key="keyboard-hint"):
-        st.caption(i18n.text("pair_keyboard_hint", lang))
+        comment = draft_comment if draft_comment is not None else comparison.comment
+        item_form.form_end(position, comment, i18n.text("pair_overview", lang), lang)
+    item_form.keyboard_hint(i18n.text("pair_keyboard_hint", lang))
 
 
 def rater_flow(con, parts: AppParts, rater: store.Rater, references: tuple[str, ...], lang: str) -> None:

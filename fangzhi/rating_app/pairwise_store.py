@@ -16,7 +16,7 @@ import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.rating_app.store import AnswerTables, Database, _query_df, _using, save_answers
+from fangzhi.rating_app.store import AnswerTables, Database, _query_df, _using, completed_positions, save_answers
 from fangzhi.studydb.schema import BLANK_SIDE
 
 CHOICES: tuple[str, ...] = ("left", "right", "tie")
@@ -59,15 +59,7 @@ def comparison_view(db: Database, rater_id: int, position: int) -> ComparisonVie
 
 def completed_comparisons(db: Database, rater_id: int) -> list[bool]:
     """For each of the rater's comparisons in order: are all four dimensions answered?"""
-    with _using(db) as con:
-        rows = con.execute(
-            """
-            SELECT c.position, count(ch.dimension) = ? FROM comparisons c LEFT JOIN choices ch USING (rater_id, position)
-            WHERE c.rater_id = ? GROUP BY c.position ORDER BY c.position
-            """,
-            [len(DIMENSION_KEYS), rater_id],
-        ).fetchall()
-    return [complete for _, complete in rows]
+    return completed_positions(db, rater_id, CHOICE_TABLES)
 
 
 def save_choices(db: Database, rater_id: int, position: int, choices: Mapping[str, str], comment: str = "", seconds: float = 0.0) -> None:

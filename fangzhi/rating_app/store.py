@@ -207,13 +207,28 @@ def rater_for_token(db: Database, token: str) -> Rater | None:
     return Rater(*row) if row else None
 
 
-def completed_positions(db: Database, rater_id: int) -> list[bool]:
-    """For each of the rater's positions in order: are all four dimensions scored?"""
+@dataclass(frozen=True)
+class AnswerTables:
+    """Where one kind of item keeps its answers: the items, the answers, their audit, and the notes."""
+
+    items: str
+    answers: str
+    answer: str  # the answer column, also `old_<answer>`/`new_<answer>` in the audit
+    audit: str
+    notes: str
+    noun: str  # for messages: "item", "comparison"
+
+
+SCORE_TABLES = AnswerTables("assignments", "scores", "score", "score_audit", "item_notes", "item")
+
+
+def completed_positions(db: Database, rater_id: int, tables: AnswerTables = SCORE_TABLES) -> list[bool]:
+    """For each of the rater's items (or, with the pairwise tables, comparisons) in order: are all four dimensions answered?"""
     with _using(db) as con:
         rows = con.execute(
-            """
+            f"""
             SELECT a.position, count(s.dimension) = ? AS complete
-            FROM assignments a LEFT JOIN scores s USING (rater_id, position)
+            FROM {tables.items} a LEFT JOIN {tables.answers} s USING (rater_id, position)
             WHERE a.rater_id = ?
             GROUP BY a.position ORDER BY a.position
             """,
@@ -250,21 +265,6 @@ def item_view(db: Database, rater_id: int, position: int) -> ItemView:
 def _placeholders(rows: int, columns: int) -> str:
     """`(?, ?), (?, ?)` for a multi-row VALUES list."""
     return ", ".join(["(" + ", ".join(["?"] * columns) + ")"] * rows)
-
-
-@dataclass(frozen=True)
-class AnswerTables:
-    """Where one kind of item keeps its answers: the items, the answers, their audit, and the notes."""
-
-    items: str
-    answers: str
-    answer: str  # the answer column, also `old_<answer>`/`new_<answer>` in the audit
-    audit: str
-    notes: str
-    noun: str  # for messages: "item", "comparison"
-
-
-SCORE_TABLES = AnswerTables("assignments", "scores", "score", "score_audit", "item_notes", "item")
 
 
 def save_answers(db: Database, tables: AnswerTables, rater_id: int, position: int, answers: Mapping[str, Any], comment: str, seconds: float) -> None:

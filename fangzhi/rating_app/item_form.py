@@ -1,0 +1,79 @@
+"""What both rating pages (one image, or two side by side) draw and read alike: the end of an item's form (comment,
+Back / All / Save & next, the keyboard hint), which of its buttons started a run, and the list of all items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from fangzhi.dimensions import DIMENSIONS
+from fangzhi.rating_app import i18n
+
+BUTTONS = ("save", "back", "overview")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The form of the item at `position` as the click sent it."""
+
+    clicked: str  # one of BUTTONS
+    position: int
+    answers: dict[str, Any]  # per dimension; None where unanswered
+    comment: str
+
+
+def submitted() -> Submitted | None:
+    """The item form's button that started this run, with the form's answers; None when no such click did.
+
+    The buttons are keyed by the item's position, so a second click on one item's Save that arrives
+    after the first has moved on (a double click) finds no button of the item now shown.
+    """
+    position = st.session_state.get("position")
+    if st.session_state.get("view") != "item" or position is None:
+        return None
+    clicked = next((name for name in BUTTONS if st.session_state.get(f"{name}-{position}")), None)
+    if clicked is None:
+        return None
+    answers = {d.key: st.session_state.get(f"{position}-{d.key}") for d in DIMENSIONS}
+    return Submitted(clicked, position, answers, st.session_state.get(f"{position}-comment", ""))
+
+
+def keep_draft(form: Submitted) -> None:
+    """Leaving an item without saving keeps its choices for when the rater comes back."""
+    st.session_state.setdefault("drafts", {})[form.position] = (form.answers, form.comment)
+    st.session_state.get("shown_at", {}).pop(form.position, None)
+
+
+def form_end(position: int, comment: str, overview_label: str, lang: str) -> None:
+    """The comment field and the Back / All / Save & next buttons, inside the item's form."""
+    st.text_input(i18n.text("comment", lang), value=comment, max_chars=2000, key=f"{position}-comment")
+    with st.container(horizontal=True, gap="small"):
+        st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
+        st.form_submit_button(overview_label, key=f"overview-{position}")
+        st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
+
+
+def keyboard_hint(text: str) -> None:
+    with st.container(key="keyboard-hint"):
+        st.caption(text)
+
+
+def picked_row(table: dict[str, list], columns: dict, open_label: str, open_button: str) -> int | None:
+    """Draw `table` (one row per item, thumbnails included) and an open-by-number form; returns the index of the
+    row the rater picked in the table or by number, or None."""
+    rows = len(table["#"])
+    selection = st.dataframe(
+        table, column_config=columns, hide_index=True, row_height=64, height=min(560, 40 + 65 * rows),
+        on_select="rerun", selection_mode="single-row", key="review-table",
+    )
+    chosen = selection.selection.rows if selection else []
+    with st.form("open-item", border=False):
+        number = st.number_input(open_label, min_value=1, max_value=rows, step=1, value=None, key="open-number")
+        if st.form_submit_button(open_button, type="primary") and number:
+            chosen = [int(number) - 1]
+    if not chosen:
+        return None
+    st.session_state.pop("review-table", None)  # the next visit starts with no row picked
+    return chosen[0]
