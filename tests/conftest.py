@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+
 import pytest
 
 
@@ -14,8 +17,10 @@ def tiny_base(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def sd15_random(tmp_path_factory) -> str:
-    """SD v1.5's full-size architecture as a diffusers folder with random weights (~4 GB, ~25 s to write)."""
+def sd15_random(tmp_path_factory) -> Iterator[str]:
+    """SD v1.5's full-size architecture as a diffusers folder with random fp16 weights (2 GB, ~25 s to write)."""
     from fangzhi.models import build_sd15_random_base
 
-    return str(build_sd15_random_base(tmp_path_factory.mktemp("sd15-random"), seed=0))
+    folder = build_sd15_random_base(tmp_path_factory.mktemp("sd15-random"), seed=0)
+    yield str(folder)
+    shutil.rmtree(folder)  # pytest keeps a failed session's folders; these 2 GB never help to debug one
