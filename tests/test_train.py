@@ -384,6 +384,19 @@ def test_compiled_training_matches_eager_and_compiles_once(tiny_base, tmp_path: 
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_training_skips_the_short_last_batch_instead_of_compiling_again(tiny_base, tmp_path: Path):
+    # 8 paintings, batch 3: two full batches and a short one of 2 per epoch; step 3 is in the second epoch.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(tiny_config(tiny_base, tmp_path / "compiled", compile=True, batch_size=3, max_steps=3, optimizer="adamw"))
+    rows = [line.split(",") for line in (tmp_path / "compiled" / "loss.csv").read_text().splitlines()[1:]]
+    assert [(int(step), int(epoch)) for step, epoch, *_ in rows] == [(1, 1), (2, 1), (3, 2)]
+
+    with pytest.raises(FangzhiError, match=r"compile: true needs at least .* = 9 images per epoch.* gives 8"):
+        train(tiny_config(tiny_base, tmp_path / "too-few", compile=True, batch_size=9, max_steps=1))
+    assert not (tmp_path / "too-few").exists()  # refused before anything was loaded or written
+
+
 def test_a_finished_run_leaves_no_model_in_memory(tiny_base, tmp_path: Path):
     import gc
 

@@ -59,7 +59,7 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(default=0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="frozen weights in fp16/bf16 on GPU; LoRA weights stay fp32")
     gradient_checkpointing: bool = False
-    compile: bool = Field(default=False, description="torch.compile the LoRA-adapted UNet and text encoder: fewer, fused kernels per step, after a one-off compile (minutes for SD v1.5; once more for a short last batch)")
+    compile: bool = Field(default=False, description="torch.compile the LoRA-adapted UNet and text encoder: fewer, fused kernels per step, after a one-off compile (minutes for SD v1.5). A compiled step has one batch size, so each epoch's short last batch is skipped (different images each epoch, as the order is shuffled)")
     cache_latents: bool = Field(default=False, description="encode each image (and, with data.random_flip, its mirror image) with the VAE once, before training: no image decoding or VAE encoding per step; needs data.center_crop")
     noise_offset: float = Field(default=0.0, ge=0, description="adds noise_offset x per-channel noise, helping very dark/bright images")
     snr_gamma: float | None = Field(default=None, gt=0, description="min-SNR loss weighting gamma (5.0 is the paper's value); null disables")

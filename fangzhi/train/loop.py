@@ -148,6 +148,15 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     on_gpu = accelerator.device.type == "cuda"
+    # A compiled step is specialised to one batch size: a short last batch would compile the models again.
+    drop_last = cfg.compile
+    samples_per_round = cfg.batch_size * accelerator.num_processes
+    if drop_last and len(entries) * cfg.data.repeats < samples_per_round:
+        raise FangzhiError(
+            f"compile: true needs at least batch_size x processes = {samples_per_round} images per epoch (it skips each epoch's short "
+            f"last batch), and {cfg.data.path} gives {len(entries) * cfg.data.repeats} (images x data.repeats). "
+            "Lower batch_size, raise data.repeats, or set compile: false."
+        )
     if on_gpu:
         allow_tf32()
     set_seed(cfg.seed)
@@ -192,10 +201,16 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
     )
     workers = cfg.dataloader_workers if cfg.dataloader_workers is not None else (4 if on_gpu else 0)
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=on_gpu, collate_fn=TokenizingCollate(tokenizer)
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=on_gpu,
+        collate_fn=TokenizingCollate(tokenizer),
     )
 
-    micro_batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
+    micro_batches_per_epoch = (len(dataset) // samples_per_round) if drop_last else math.ceil(len(dataset) / samples_per_round)
     steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation)
     total_steps = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     # accelerate steps a prepared scheduler once per process per optimizer step.
