@@ -328,7 +328,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         ),
     ]
     if mixed_rows is not None:
-        shown = ["arm", "score", "fitted", "n_ratings", "arm_effect", "ci95_low", "ci95_high", "p", *[f"sd_{t}" for t in (*mixed.TERMS, "residual")], "simplified"]
+        shown = ["arm", "score", "fitted", "n_ratings", "arm_effect", "df", "ci95_low", "ci95_high", "p", *[f"sd_{t}" for t in (*mixed.TERMS, "residual")], "simplified"]
         sections.append((
             "Crossed mixed model (unit: individual ratings, raters and prompts as random factors)",
             f"Per dimension: {mixed.FORMULA}. {mixed.APPROXIMATION_NOTE} SD CIs are in mixed_model.csv.",
