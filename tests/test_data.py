@@ -166,6 +166,31 @@ def test_read_rgb_flattens_transparency_on_white_and_scales_16_bit(tmp_path: Pat
     assert np.asarray(image)[0].tolist() == [[0, 0, 0], [128, 128, 128], [255, 255, 255]]
 
 
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_upright_and_matches_a_full_decode(tmp_path: Path):
+    # Stored 1600 wide × 1200 high with EXIF orientation 6 (turn 90° clockwise to view): upright it is a portrait.
+    x, y = np.meshgrid(np.linspace(0, 255, 1600), np.linspace(0, 255, 1200))
+    pixels = np.stack([(x + y) / 2, x, y], axis=-1).astype(np.uint8)
+    pixels[100:180, 100:400] = 0  # an ink mark near the stored top-left corner, which ends up top-right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "scan.jpg", quality=95, exif=exif)
+
+    full, _ = read_rgb(tmp_path / "scan.jpg")
+    reduced, _ = read_rgb(tmp_path / "scan.jpg", min_side=300)
+    assert full.size == (1200, 1600)
+    assert reduced.size == (300, 400)  # 1/4: the smallest DCT scale that keeps both sides at least 300
+    shrunk = np.asarray(full.resize(reduced.size, Image.Resampling.LANCZOS), dtype=float)
+    assert np.abs(shrunk - np.asarray(reduced, dtype=float)).mean() < 1.5  # grey levels: the same picture, same way up
+    assert np.asarray(reduced)[25:45, 255:275].mean() < 10 and np.asarray(reduced)[25:45, 25:45].mean() > 60
+
+    # The training crop from the reduced decode is within a grey level of one made from the full decode.
+    crop = CaptionedImageDataset([Entry(tmp_path / "scan.jpg", "x")], resolution=256)[0]["pixel_values"]
+    top = (full.height * 256 // full.width - 256) // 2
+    reference = full.resize((256, full.height * 256 // full.width), Image.Resampling.LANCZOS).crop((0, top, 256, top + 256))
+    expected = torch.from_numpy(np.asarray(reference, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    assert (crop - expected).abs().mean() * 127.5 < 1.0
+
+
 def test_select_is_reproducible_and_copies_captions(tmp_path: Path):
     first = select_subset(DEMO_DATASET, 3, tmp_path / "a", seed=7)
     again = select_subset(DEMO_DATASET, 3, tmp_path / "b", seed=7)
