@@ -186,6 +186,7 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
             model.compile()
     lrs = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_learning_rate or cfg.learning_rate / 2}
     param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lrs[name]} for name, model in trained.items()]
+    lora_parameters = [p for group in param_groups for p in group["params"]]  # listed once: a UNet has ~700 tensors to walk
     optimizer = _make_optimizer(cfg, param_groups)
 
     dataset = CaptionedImageDataset(
@@ -325,7 +326,7 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
                 micro_losses.append(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for m in trained.values() for p in m.parameters() if p.requires_grad], cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(lora_parameters, cfg.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
