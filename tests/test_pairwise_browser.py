@@ -1,6 +1,6 @@
 """The pairwise page in a real browser (Debian's chromium via Playwright, as tests/test_rating_browser.py): the two images
 side by side at equal size on a desktop and stacked on a phone, three comparisons answered by keyboard alone
-(← → ↓ and 1 2 3, Enter saves), and every page state, media response and websocket frame scanned for anything
+(← → ↓ and 1 2 3, Enter saves), a reference painting zoomed beside both sides (stacked on a phone), and every page state, media response and websocket frame scanned for anything
 that would tell which side is which arm. Screenshots go to results/screens/pairwise_*.png."""
 
 from __future__ import annotations
@@ -81,6 +81,22 @@ def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, b
         assert abs(left["width"] - right["width"]) < 2 and abs(left["height"] - right["height"]) < 2
         if k == 0:
             shot(page, "pairwise_desktop")
+            # Z: the first reference painting full size beside both sides; ← → switch paintings and answer nothing.
+            page.keyboard.press("z")
+            captions = page.locator(".fz-zoom figcaption")
+            assert captions.all_inner_texts() == ["左图", "右图", "参考作品 1 / 3"]
+            zoomed = page.locator(".fz-zoom-rated img").evaluate_all("(images) => images.map((i) => i.src)")
+            assert zoomed == [page.locator(f".st-key-pair-{s} img").evaluate("(i) => i.src") for s in ("left", "right")]
+            page.keyboard.press("ArrowRight")
+            assert captions.all_inner_texts()[-1] == "参考作品 2 / 3"
+            page.wait_for_function("() => [...document.querySelectorAll('.fz-zoom img')].every((i) => i.complete && i.naturalWidth > 0)")
+            shot(page, "pairwise_zoom")
+            page.keyboard.press("ArrowLeft")
+            page.keyboard.press("3")
+            assert captions.all_inner_texts()[-1] == "参考作品 1 / 3"
+            page.keyboard.press("Escape")
+            assert page.locator(".fz-zoom").count() == 0
+            assert page.locator(".st-key-questions input[type=radio]:checked").count() == 0
         # One comparison, one screen: the images, the four questions and Save without scrolling.
         save = page.get_by_role("button", name="保存并继续").bounding_box()
         assert save["y"] + save["height"] <= DESKTOP["height"] and left["height"] > 300
@@ -101,6 +117,16 @@ def test_pairwise_page_by_keyboard_equal_sides_and_nothing_leaks(pairwise_app, b
     left, right = (phone.locator(f".st-key-pair-{s} img").bounding_box() for s in ("left", "right"))
     assert left["y"] + left["height"] <= right["y"] + 1 and abs(left["width"] - right["width"]) < 2
     shot(phone, "pairwise_phone")
+    # A tap on a reference: the three paintings stacked, each within the screen.
+    phone.locator(".fz-reference").nth(2).click()
+    figures = [phone.locator(".fz-zoom figure").nth(i).bounding_box() for i in range(3)]
+    assert all(a["y"] + a["height"] <= b["y"] + 1 for a, b in zip(figures, figures[1:]))
+    assert figures[-1]["y"] + figures[-1]["height"] <= PHONE["height"]
+    assert phone.locator(".fz-zoom figcaption").all_inner_texts()[-1] == "参考作品 3 / 3"
+    phone.wait_for_function("() => [...document.querySelectorAll('.fz-zoom img')].every((i) => i.complete && i.naturalWidth > 0)")
+    shot(phone, "pairwise_phone_zoom")
+    phone.get_by_role("button", name="关闭（Esc）").click()
+    assert phone.locator(".fz-zoom").count() == 0
     phone.context.close()
 
     time.sleep(2 * store.SNAPSHOT_INTERVAL_SECONDS)

@@ -237,7 +237,7 @@ def test_pairwise_page_save_revise_and_blinding(pairwise_app):
     at.query_params["token"] = tokens["alice"]
     at.query_params["item"] = str(attention + 1)
     at.run()
-    served = [h.proto.body for h in at.get("html") if h.proto.body.startswith(f'<img src="{media_access.ROUTE}/')]
+    served = [h.proto.body for h in at.get("html") if h.proto.body.startswith('<img class="fz-rated"') and f'src="{media_access.ROUTE}/' in h.proto.body]
     assert not at.exception and at.session_state["position"] == attention and len(served) == 2
     with studydb.connect(db) as con:
         paths = [p for (p,) in con.execute("SELECT path FROM images").fetchall()]

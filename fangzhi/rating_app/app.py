@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import html
 import io
 import os
 import secrets
@@ -191,7 +192,7 @@ PAGE_SCRIPT = r"""
     if (!m || shownItem !== `${m.dataset.rater}-${m.dataset.item}` || !document.querySelector(`.st-key-${m.dataset.item}-${m.dataset.first}`)) return false;
     return !saving(m);
   }
-  // The zoom view: a reference painting at full size beside the rated image (stacked on a portrait screen).
+  // The zoom view: a reference painting at full size beside the image or images being rated (stacked on a portrait screen).
   const zoomView = () => document.querySelector('.fz-zoom');
   const referenceButtons = () => [...document.querySelectorAll('.fz-reference')];
   function closeZoom() {
@@ -201,9 +202,9 @@ PAGE_SCRIPT = r"""
     referenceButtons()[Number(view.dataset.index)]?.focus();
   }
   function openZoom(index) {
-    const buttons = referenceButtons(), rated = document.querySelector('.st-key-item-image img');
+    const buttons = referenceButtons(), rated = [...document.querySelectorAll('img.fz-rated')];
     const strip = document.querySelector('.fz-references');
-    if (!buttons.length || !rated || !strip) return;
+    if (!buttons.length || !rated.length || !strip) return;
     index = (index + buttons.length) % buttons.length;
     zoomView()?.remove();
     const view = document.createElement('div');
@@ -226,7 +227,7 @@ PAGE_SCRIPT = r"""
     close.type = 'button';
     close.textContent = strip.dataset.closeLabel;
     close.addEventListener('click', closeZoom);
-    view.append(figure(rated.src, strip.dataset.ratedLabel, 'fz-zoom-rated'),
+    view.append(...rated.map((image) => figure(image.src, image.dataset.label || strip.dataset.ratedLabel, 'fz-zoom-rated')),
                 figure(buttons[index].querySelector('img').src, referenceCaption, 'fz-zoom-reference'), close);
     view.addEventListener('click', (e) => { if (e.target === view) closeZoom(); });
     document.body.append(view);
@@ -391,12 +392,9 @@ def next_position(complete: list[bool], position: int) -> int | None:
 
 def page_frame(lang: str) -> None:
     st.html(PAGE_CSS)
-    st.html(f'<div class="fz-page" data-offline="{_attribute(i18n.text("connection_lost", lang))}"></div>')
+    st.html(f'<div class="fz-page" data-offline="{html.escape(i18n.text("connection_lost", lang))}"></div>')
     st.html(PAGE_SCRIPT, unsafe_allow_javascript=True)
 
-
-def _attribute(value: str) -> str:
-    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def go_to(view: str, position: int | None = None) -> None:
@@ -526,7 +524,7 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
     saved_signature = ",".join(str(item.scores.get(d.key, "")) for d in DIMENSIONS)
     st.html(
         f'<div class="fz-item" data-rater="{rater.rater_id}" data-item="{position}" data-first="{DIMENSIONS[0].key}" data-saved="{saved_signature}" '
-        f'data-restored="{_attribute(i18n.text("draft_restored", lang))}"></div>'
+        f'data-restored="{html.escape(i18n.text("draft_restored", lang))}"></div>'
     )
 
     image_column, side_column = st.columns([11, 9], gap="medium")
@@ -535,21 +533,8 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
             url = media_url(("item", position), lambda: rated_image(con, db, item.image_path, position, media.ITEM_MAX_SIDE))
             st.html(f'<img class="fz-rated" src="{url}" alt="">')
         if references:
-            with st.container(key="references"):
-                # Thumbnails of the paintings sent at zoom size; the page script opens the zoom view on a click.
-                buttons = "".join(
-                    f'<button type="button" class="fz-reference" aria-label="{_attribute(i18n.text("zoom_reference", lang, k=k, n=len(references)))}">'
-                    f'<img src="{media_url(("reference", path), lambda path=path: display_bytes(path, media.REFERENCE_MAX_SIDE))}" alt=""></button>'
-                    for k, path in enumerate(references, start=1)
-                )
-                labels = {"rated": i18n.text("zoom_rated", lang), "reference": i18n.text("zoom_reference", lang, k="{k}", n="{n}"), "close": i18n.text("zoom_close", lang)}
-                st.html(
-                    f'<div class="fz-references" data-rated-label="{_attribute(labels["rated"])}" '
-                    f'data-reference-label="{_attribute(labels["reference"])}" data-close-label="{_attribute(labels["close"])}">{buttons}</div>'
-                )
-            st.caption(i18n.text("reference", lang))
-            with st.container(key="reference-keys"):
-                st.caption(i18n.text("reference_keys", lang))
+            url_for = lambda path: media_url(("reference", path), lambda: display_bytes(path, media.REFERENCE_MAX_SIDE))  # noqa: E731
+            item_form.reference_strip(references, url_for, i18n.text("reference", lang), lang)
         release_media({("item", position)} | reference_keys(references))
     with side_column:
         st.text(i18n.text("item_counter", lang, k=position + 1, n=total) + " · " + i18n.text("progress", lang, done=sum(complete), total=total))

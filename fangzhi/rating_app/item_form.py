@@ -1,8 +1,11 @@
-"""What both rating pages (one image, or two side by side) draw and read alike: the end of an item's form (comment,
-Back / All / Save & next, the keyboard hint), which of its buttons started a run, and the list of all items."""
+"""What both rating pages (one image, or two side by side) draw and read alike: the reference strip, the end of an
+item's form (comment, Back / All / Save & next, the keyboard hint), which of its buttons started a run, and the list
+of all items."""
 
 from __future__ import annotations
 
+import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,25 @@ def keep_draft(form: Submitted) -> None:
     """Leaving an item without saving keeps its choices for when the rater comes back."""
     st.session_state.setdefault("drafts", {})[form.position] = (form.answers, form.comment)
     st.session_state.get("shown_at", {}).pop(form.position, None)
+
+
+def reference_strip(references: tuple[str, ...], url_for: Callable[[str], str], caption: str, lang: str) -> None:
+    """The reference paintings as thumbnails (sent at zoom size); a click or Z opens the app's zoom view, which shows
+    the chosen one beside every image on the page marked `fz-rated` (captioned by its `data-label`)."""
+    with st.container(key="references"):
+        buttons = "".join(
+            f'<button type="button" class="fz-reference" aria-label="{html.escape(i18n.text("zoom_reference", lang, k=k, n=len(references)))}">'
+            f'<img src="{url_for(path)}" alt=""></button>'
+            for k, path in enumerate(references, start=1)
+        )
+        labels = {"rated": i18n.text("zoom_rated", lang), "reference": i18n.text("zoom_reference", lang, k="{k}", n="{n}"), "close": i18n.text("zoom_close", lang)}
+        st.html(
+            f'<div class="fz-references" data-rated-label="{html.escape(labels["rated"])}" '
+            f'data-reference-label="{html.escape(labels["reference"])}" data-close-label="{html.escape(labels["close"])}">{buttons}</div>'
+        )
+    st.caption(caption)
+    with st.container(key="reference-keys"):
+        st.caption(i18n.text("reference_keys", lang))
 
 
 def form_end(position: int, comment: str, overview_label: str, lang: str) -> None:

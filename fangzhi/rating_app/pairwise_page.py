@@ -1,7 +1,8 @@
 """The rater's pages of a pairwise (side-by-side) study; the app script (`app.py`) calls `rater_flow` for such a study.
 
 One comparison fits one screen: the two images side by side at equal size (stacked, left first, on a
-phone), the text shown literally, the reference strip, and for each of the four questions left /
+phone), the text shown literally, the reference strip (a click or Z shows a painting full size beside
+both sides, ← → switch paintings, Esc returns), and for each of the four questions left /
 right / equal. The keyboard: 1 2 3 (the app's page script, which answers the highlighted question and
 moves on) and ← → ↓ (mapped onto 1 2 3 here), Enter saves.
 
@@ -35,10 +36,9 @@ RATER_STATE = ("rater_id", "view", "position", "shown_at", "drafts", "loaded_ver
 
 PAIR_CSS = """
 <style>
-.st-key-pair-left img, .st-key-pair-right img { max-height: calc(100vh - 34rem); width: 100%; object-fit: contain; }
+.st-key-pair-left img, .st-key-pair-right img { max-height: calc(100vh - 35.5rem); width: 100%; object-fit: contain; }
 .st-key-questions [data-testid="stRadio"] [role="radiogroup"] { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
-.st-key-references img { height: 4.6rem; width: auto; }
-@media (max-width: 640px) { .st-key-pair-left img, .st-key-pair-right img { max-height: 42vh; } .st-key-references img { height: 2.3rem; } }
+@media (max-width: 640px) { .st-key-pair-left img, .st-key-pair-right img { max-height: 42vh; } }
 </style>
 """
 
@@ -52,7 +52,8 @@ PAIR_KEYS_SCRIPT = r"""
   const digit = {ArrowLeft: '1', ArrowRight: '2', ArrowDown: '3'};
   window.addEventListener('keydown', (e) => {
     const t = e.target;
-    if (!document.querySelector('.fz-pair') || !(e.key in digit) || e.ctrlKey || e.metaKey || e.altKey) return;
+    // In the zoom view ← → switch paintings (the page script's own keys).
+    if (!document.querySelector('.fz-pair') || document.querySelector('.fz-zoom') || !(e.key in digit) || e.ctrlKey || e.metaKey || e.altKey) return;
     if (t && (t.tagName === 'TEXTAREA' || t.isContentEditable || (t.tagName === 'INPUT' && t.type !== 'radio'))) return;
     e.preventDefault();
     e.stopImmediatePropagation();
@@ -196,14 +197,11 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
         with column, st.container(key=f"pair-{side}"):
             st.caption(i18n.text(f"pair_{side}", lang))
             url = parts.media_url(("pair", position, side), lambda side=side: side_image(parts, comparison, side, media.ITEM_MAX_SIDE))
-            st.html(f'<img src="{url}" alt="">')
+            st.html(f'<img class="fz-rated" data-label="{html.escape(i18n.text(f"pair_{side}", lang))}" src="{url}" alt="">')
     shown = {("pair", position, side) for side in SIDES} | {("reference", path) for path in references}
     if references:
-        with st.container(key="references", horizontal=True, gap="small"):
-            for path in references:
-                url = parts.media_url(("reference", path), lambda path=path: parts.display_bytes(path, media.REFERENCE_MAX_SIDE))
-                st.html(f'<img src="{url}" alt="">')
-        st.caption(i18n.text("pair_reference", lang))
+        url_for = lambda path: parts.media_url(("reference", path), lambda: parts.display_bytes(path, media.REFERENCE_MAX_SIDE))  # noqa: E731
+        item_form.reference_strip(references, url_for, i18n.text("pair_reference", lang), lang)
     parts.release_media(shown)
     labels = {choice: i18n.text(f"pair_choice_{choice}", lang) for choice in CHOICES}
     notice, fields = st.session_state.pop("notice", (None, {}))
