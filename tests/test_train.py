@@ -335,7 +335,7 @@ def test_latent_cache_with_random_flips_matches_encoding_every_step_and_reads_ea
     from fangzhi.data import torch_dataset
 
     reads = []
-    monkeypatch.setattr(torch_dataset, "read_rgb", lambda path: reads.append(path) or read_rgb(path))
+    monkeypatch.setattr(torch_dataset, "read_rgb", lambda path, **options: reads.append(path) or read_rgb(path, **options))
     train(tiny_config(tiny_base, tmp_path / "cached", max_steps=8, data=flips, cache_latents=True))
     assert len(reads) == len(set(reads)) == len(load_training_entries(tiny_config("unused", Path("unused")).data))
     a = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
