@@ -43,7 +43,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENS = Path(__file__).resolve().parents[1] / "results" / "screens"
 DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
-RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan"]
+RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
 
 if not Path(CHROMIUM).is_file() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); in CI this test fails instead", allow_module_level=True)
@@ -274,6 +274,28 @@ def test_digits_typed_before_the_next_item_is_drawn_go_to_it(live_app, browser):
     assert checked_count(page) == 0  # nothing typed for item 4 reached it
     rows = stored_items(live_app["db"]).query("rater == 'ivan'").sort_values("position")
     assert [[int(row[key]) for key in DIMENSION_KEYS] for _, row in rows.head(3).iterrows()] == typed
+    page.context.close()
+
+
+def test_enter_in_the_comment_saves_but_not_while_an_input_method_composes(live_app, browser):
+    page = open_rater(browser, live_app["url"], live_app["tokens"]["judy"])
+    scores = scores_for(page, dict(zip(DIMENSION_KEYS, (4, 3, 5, 2))))
+    for key in DIMENSION_KEYS:
+        page.keyboard.press(str(scores[key]))
+    comment = page.get_by_label("备注（可选）")
+    comment.click()
+    page.keyboard.type("远山淡墨")
+    # Streamlit's English "Press Enter to submit form" is not shown; the length counter is.
+    assert page.locator(".st-key-questions [data-testid=InputInstructions]").inner_text() == "4/2000"
+    # Chinese input methods confirm a candidate with Enter while composing: that Enter saves nothing.
+    comment.evaluate("(input) => input.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true}))")
+    page.wait_for_timeout(1500)
+    assert page.locator('.fz-item[data-item="0"]').count() == 1
+    page.keyboard.press("Enter")
+    wait_for_item(page, 1)
+    rows = stored_items(live_app["db"])
+    row = rows[(rows["rater"] == "judy") & (rows["position"] == 0)].iloc[0]
+    assert {key: int(row[key]) for key in DIMENSION_KEYS} == scores and row["comment"] == "远山淡墨" and row["saves"] == 1
     page.context.close()
 
 

@@ -52,6 +52,8 @@ PAGE_CSS = """
 <style>
 /* One item, one screen: little chrome, no Streamlit header (its status texts are English only). */
 header[data-testid="stHeader"] { display: none; }
+/* Streamlit's input hints ("Press Enter to submit form") are English only; the item form's comment keeps its counter. */
+[data-testid="InputInstructions"]:not(.st-key-questions [data-testid="InputInstructions"]) { display: none; }
 [data-testid="stMainBlockContainer"] { padding: 0.6rem 1.5rem 1rem; max-width: 100%; }
 [data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
 .st-key-item-image img { max-height: calc(100vh - 13rem); width: 100%; object-fit: contain; }
@@ -250,6 +252,14 @@ PAGE_SCRIPT = r"""
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (!marker() || e.ctrlKey || e.metaKey || e.altKey) return;
+    // Enter in the comment field saves, as everywhere on the item; but not the Enter that confirms an input
+    // method's candidate (pinyin), which arrives while composing.
+    if (e.key === 'Enter' && !e.isComposing && e.keyCode !== 229 && t && t.closest && t.closest(`.st-key-${marker().dataset.item}-comment`)) {
+      clickSave();
+      e.preventDefault();
+      e.stopPropagation();
+      return;
+    }
     if (t && (t.tagName === 'TEXTAREA' || t.isContentEditable || (t.tagName === 'INPUT' && t.type !== 'radio'))) return;
     if (e.key === 'z' || e.key === 'Z') {
       openZoom(0);
@@ -290,15 +300,14 @@ PAGE_SCRIPT = r"""
     }
     lastSave = {at: performance.now(), item};
   }, true);
-  // An image whose request failed (its media file replaced during a rerun) is asked for again.
-  setInterval(() => {
-    const img = document.querySelector('.st-key-item-image img');
-    if (!img || !img.complete || img.naturalWidth > 0 || !img.src) return;
+  // An image being rated whose request failed (its media file replaced during a rerun) is asked for again.
+  setInterval(() => document.querySelectorAll('img.fz-rated').forEach((img) => {
+    if (!img.complete || img.naturalWidth > 0 || !img.src) return;
     const tries = Number(img.dataset.retries || 0);
     if (tries >= 5) return;
     img.dataset.retries = tries + 1;
     img.src = img.src.split('?')[0] + '?retry=' + (tries + 1);
-  }, 500);
+  }), 500);
   // The connection, in the rater's language (Streamlit's own notice is English only).
   setInterval(async () => {
     let ok = false;
@@ -550,7 +559,7 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
         elif notice == "conflict":
             scores = ", ".join(f"{i18n.dimension_name(d.key, lang)} {fields['answers'][d.key]}" for d in DIMENSIONS if d.key in fields["answers"])
             st.warning(i18n.text("conflict", lang, minutes=fields["minutes"], scores=scores or "—"))
-        with st.form(f"item-{position}", border=False), st.container(key="questions"):
+        with item_form.form(position), st.container(key="questions"):
             for dimension in DIMENSIONS:
                 previous = draft_scores.get(dimension.key) or item.scores.get(dimension.key)
                 st.radio(

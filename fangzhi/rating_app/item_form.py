@@ -68,6 +68,12 @@ def reference_strip(references: tuple[str, ...], url_for: Callable[[str], str], 
         st.caption(i18n.text("reference_keys", lang))
 
 
+def form(position: int):
+    """The item's form. Enter in its comment field saves (the app's page script): Streamlit's own Enter-to-submit
+    would press the form's first button, Back, and tell the rater so in English."""
+    return st.form(f"item-{position}", border=False, enter_to_submit=False)
+
+
 def form_end(position: int, comment: str, overview_label: str, lang: str) -> None:
     """The comment field and the Back / All / Save & next buttons, inside the item's form."""
     st.text_input(i18n.text("comment", lang), value=comment, max_chars=2000, key=f"{position}-comment")

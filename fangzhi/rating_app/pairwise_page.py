@@ -211,7 +211,7 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
         saved = fields["answers"]
         choices = ", ".join(f"{i18n.dimension_name(d.key, lang)} {labels[saved[d.key]]}" for d in DIMENSIONS if d.key in saved)
         st.warning(i18n.text("pair_conflict", lang, minutes=fields["minutes"], choices=choices or "—"))
-    with st.form(f"item-{position}", border=False), st.container(key="questions"):
+    with item_form.form(position), st.container(key="questions"):
         # The four questions in a row below the images (stacked on a phone), so that one comparison fits one screen.
         for dimension, column in zip(DIMENSIONS, st.columns(len(DIMENSIONS), gap="small")):
             previous = draft.get(dimension.key) or comparison.choices.get(dimension.key)
