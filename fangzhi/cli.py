@@ -201,7 +201,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title-note", help="added to every title, e.g. 'simulated'")
     power = p.add_argument_group("power (with 'analyze power')")
     power.add_argument("--mode", dest="power_mode", choices=["absolute", "pairwise"],
-                       help="absolute: 1–5 scores, Wilcoxon on prompts (default); pairwise: side-by-side votes, sign test")
+                       help="absolute: 1–5 scores, Wilcoxon on prompts (default); pairwise: side-by-side votes, prompt-level test")
     power.add_argument("--from-ratings", help="estimate the SDs below from this wide ratings file (or from --db) with the crossed mixed model")
     power.add_argument("--diff", type=float, help="mean score difference to detect (default 0.3)")
     power.add_argument("--power", type=float, help="target power (default 0.8)")

@@ -96,7 +96,7 @@ def test_mixed_model_satterthwaite_df_is_exact_where_the_paired_t_test_is():
 
 def test_mixed_model_holds_its_level_with_four_raters_who_disagree_about_the_lora():
     # The paper's four raters; each rater's and each prompt's own LoRA − base difference has SD 0.3, and
-    # no true average effect. A z test on this estimate rejects ~9%, not 5% (bench/mixed_calibration.py).
+    # no true average effect. A z test on this estimate rejects ~9%, not 5% (bench/null_calibration.py).
     components = VarianceComponents(rater_arm_sd=0.3, prompt_arm_sd=0.3)
     sims = 200
     p = [fit_crossed(simulate_ratings(4, 12, 2, effect=0.0, seed=i, components=components), "style", "base", "lora").p for i in range(sims)]

@@ -29,7 +29,7 @@ from fangzhi.evaluate.pairwise_power import (
     PairwisePowerConfig,
     run_pairwise_power,
     simulate_pairwise_votes,
-    simulated_sign_test_power,
+    simulated_preference_power,
 )
 from fangzhi.evaluate.pairwise_votes import file_columns, group_codes, is_pairwise_file, read_pairwise_file
 
@@ -174,6 +174,35 @@ def test_sign_test_is_on_untied_votes_and_holm_across_dimensions():
     assert pairs["sign_test_p"].to_numpy() == pytest.approx([p] * 4)
     # Holm over four equal p-values multiplies each by 4 (capped at 1).
     assert pairs["sign_test_p_holm"].to_numpy() == pytest.approx([min(1, 4 * p)] * 4)
+
+
+def test_prompt_level_test_is_the_signed_rank_test_of_each_prompts_net_preference():
+    # Three prompts, two seeds, two raters; per prompt lora's (wins − losses)/votes: p1 (3 − 0)/4, p2 (1 − 1)/4, p3 (1 − 2)/4.
+    outcomes = {"p1": ["lora", "lora", "lora", "tie"], "p2": ["lora", "base", "tie", "tie"], "p3": ["base", "base", "lora", "tie"],
+                "p4": ["lora", "lora", "tie", "lora"], "p5": ["lora", "tie", "tie", "tie"]}
+    rows = []
+    for prompt, winners in outcomes.items():
+        for vote, winner in enumerate(winners):
+            left, right = ("base", "lora") if vote % 2 else ("lora", "base")  # sides alternate
+            choice = "tie" if winner == "tie" else ("left" if winner == left else "right")
+            rows.append({"rater": f"r{vote % 2}", "prompt": prompt, "seed": vote // 2, "dimension": "style", "left": left, "right": right, "choice": choice})
+    pair = analyze_pairwise(pd.DataFrame(rows), None, n_boot=100).pairs.set_index("dimension").loc["style"]
+    net = np.array([3, 0, -1, 3, 1]) / 4
+    assert pair["n_prompts"] == 5 and pair["net_preference"] == pytest.approx(net.mean())
+    assert pair["prompt_test_p"] == pytest.approx(sps.wilcoxon(net[net != 0], method="exact").pvalue)
+    assert pair["sign_test_p"] == pytest.approx(sps.binomtest(9, 12, 0.5).pvalue)
+
+
+def test_prompt_level_test_holds_its_level_where_the_vote_level_sign_test_does_not():
+    # 5 raters, 12 prompts × 2 seeds, no true preference, but each image favours one arm or the other (SD 200 Elo).
+    sims, rejected = 150, {"prompt_test_p": 0, "sign_test_p": 0}
+    for i in range(sims):
+        votes = simulate_pairwise_votes(5, 12, 2, elo={"base": 1000.0, "lora": 1000.0}, unit_sd=200.0, seed=i)
+        style = analyze_pairwise(votes, None, n_boot=100).pairs.set_index("dimension").loc["style"]
+        for test in rejected:
+            rejected[test] += style[test] < 0.05
+    assert rejected["prompt_test_p"] / sims <= 0.085
+    assert rejected["sign_test_p"] / sims > 0.12
 
 
 # --- Agreement and consistency -------------------------------------------------------------------
@@ -362,12 +391,12 @@ def test_analyze_pairwise_writes_tables_plot_json_and_report(tmp_path):
 
 def test_power_is_near_alpha_at_no_preference_and_grows_with_comparisons(tmp_path):
     rng = np.random.default_rng(0)
-    assert simulated_sign_test_power(0.5, 200, 3, sims=2000, rng=rng) < 0.07
-    low = simulated_sign_test_power(0.6, 20, 3, sims=1000, rng=rng)
-    high = simulated_sign_test_power(0.6, 200, 3, sims=1000, rng=rng)
+    assert 0.03 < simulated_preference_power(0.5, 200, 3, sims=2000, rng=rng) < 0.07
+    low = simulated_preference_power(0.6, 20, 3, sims=1000, rng=rng)
+    high = simulated_preference_power(0.6, 200, 3, sims=1000, rng=rng)
     assert low < 0.6 < 0.95 < high
-    # Correlated votes within a comparison inflate the vote-level sign test's false positives.
-    assert simulated_sign_test_power(0.5, 100, 5, comparison_sd=1.5, sims=2000, rng=rng) > 0.1
+    # Votes on one comparison correlated (comparisons differ in which arm they favour): the level still holds.
+    assert 0.03 < simulated_preference_power(0.5, 100, 5, comparison_sd=1.5, sims=2000, rng=rng) < 0.07
     grid, smallest, text = run_pairwise_power(PairwisePowerConfig(raters=[1, 5], comparisons=[20, 80, 320], sims=300, out=tmp_path))
     assert len(grid) == 6 and (tmp_path / "pairwise_power.csv").is_file()
     assert smallest.set_index("n_raters").loc[5, "n_comparisons"] <= smallest.set_index("n_raters").loc[1, "n_comparisons"]

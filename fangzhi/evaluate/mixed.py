@@ -14,7 +14,7 @@ minutes for a few hundred ratings and often fails to converge. What differs from
 model, stated in every result: slopes and intercepts are uncorrelated. The arm effect's p-value and
 CI use a t distribution with Satterthwaite's degrees of freedom, as lmerTest reports them: with the
 four raters of a typical study, a rater × arm slope leaves only a few df (median 5), and a Wald z test
-rejected a true null in 9% of simulated studies where this test rejects 6% (bench/mixed_calibration.py). Variance-component CIs
+rejected a true null in 9% of simulated studies where this test rejects 6% (bench/null_calibration.py). Variance-component CIs
 are Wald intervals on the SD from the numerical Hessian of the REML deviance. Scores are ordinal
 1–5; the linear model is an approximation on that scale.
 """

@@ -1,4 +1,4 @@
-"""Simulated pairwise votes and simulation-based power of the pairwise sign test.
+"""Simulated pairwise votes and simulation-based power of the pairwise analysis' primary (prompt-level) test.
 
 Vote model, per comparison of arm a with arm b: a's expected score (a win counts 1, a tie 1/2) is the
 Bradley–Terry win probability p = 1 / (1 + 10^((elo_b − elo_a)/400)). A tie happens with probability
@@ -23,7 +23,8 @@ from scipy.special import expit, logit
 from fangzhi.config import StrictModel
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.evaluate import report
-from fangzhi.evaluate.pairwise import ELO_PER_LOGIT, sign_test_p
+from fangzhi.evaluate.pairwise import ELO_PER_LOGIT
+from fangzhi.evaluate.stats import signed_rank_test
 from fangzhi.evaluate.pairwise_votes import CHOICES
 
 
@@ -104,7 +105,7 @@ def _draw(rng: np.random.Generator, probabilities: np.ndarray) -> np.ndarray:
     return (u[..., None] > cumulative[..., :-1]).sum(axis=-1)
 
 
-def simulated_sign_test_power(
+def simulated_preference_power(
     win_rate: float,
     n_comparisons: int,
     n_raters: int,
@@ -114,18 +115,20 @@ def simulated_sign_test_power(
     alpha: float = 0.05,
     rng: np.random.Generator | None = None,
 ) -> float:
-    """Share of `sims` simulated studies whose sign test (all untied votes of one arm pair) has p < alpha.
+    """Share of `sims` simulated studies whose primary test has p < alpha: each comparison's net preference over
+    its raters, (wins − losses)/raters, tested against 0 with the analysis' own Wilcoxon signed-rank test.
 
-    Each study has `n_comparisons` comparisons (prompt × seed units of the arm pair), each judged by
+    Each study has `n_comparisons` comparisons of the arm pair (prompts, one seed each), each judged by
     `n_raters` raters; a comparison's expected score is `win_rate` shifted on the logit scale by a normal
     draw with SD `comparison_sd` (0: every comparison alike).
     """
     rng = rng or np.random.default_rng(0)
     shift = rng.normal(0.0, comparison_sd, (sims, n_comparisons)) if comparison_sd > 0 else np.zeros((sims, n_comparisons))
     probabilities = outcome_probabilities(expit(logit(win_rate) + shift), tie_share)
-    votes = rng.multinomial(n_raters, probabilities).sum(axis=1)  # (sims, 3): wins, ties, losses
-    pvalues = np.nan_to_num(sign_test_p(votes[:, 0], votes[:, 2]), nan=1.0)
-    return float(np.mean(pvalues < alpha))
+    votes = rng.multinomial(n_raters, probabilities)  # (sims, comparisons, 3): wins, ties, losses
+    net = (votes[..., 0] - votes[..., 2]) / n_raters
+    pvalues = np.array([signed_rank_test(row)[1] for row in net])
+    return float(np.mean(np.nan_to_num(pvalues, nan=1.0) < alpha))
 
 
 class PairwisePowerConfig(StrictModel):
@@ -155,10 +158,9 @@ def pairwise_power_grid(config: PairwisePowerConfig) -> pd.DataFrame:
                     "n_raters": raters,
                     "n_comparisons": comparisons,
                     "n_votes": raters * comparisons,
-                    "power": simulated_sign_test_power(config.win_rate, *args),
-                    # Votes on one comparison are correlated when comparison_sd > 0, which the vote-level sign
-                    # test ignores; this column shows how far its false-positive rate then drifts above alpha.
-                    "false_positive_rate": simulated_sign_test_power(0.5, *args),
+                    "power": simulated_preference_power(config.win_rate, *args),
+                    # The same design without any preference: the test's own level, which should stay near alpha.
+                    "false_positive_rate": simulated_preference_power(0.5, *args),
                 }
             )
     return pd.DataFrame(rows)
@@ -173,7 +175,7 @@ def run_pairwise_power(config: PairwisePowerConfig) -> tuple[pd.DataFrame, pd.Da
     reached = grid.loc[grid["power"] >= config.power].sort_values(["n_raters", "n_comparisons"])
     smallest = reached.groupby("n_raters", sort=False).head(1).reset_index(drop=True)
     lines = [
-        f"Power of the pairwise sign test to detect a win rate of {config.win_rate} (ties as half; tie share {config.tie_share}, "
+        f"Power of the pairwise prompt-level test to detect a win rate of {config.win_rate} (ties as half; tie share {config.tie_share}, "
         f"alpha {config.alpha}, {config.sims} simulations; comparison SD {config.comparison_sd}):",
         grid.pivot_table(index="n_raters", columns="n_comparisons", values="power", sort=False).to_string(float_format=lambda v: f"{v:.2f}"),
     ]
