@@ -99,10 +99,14 @@ PAGE_SCRIPT = r"""
   window.fangzhiPage = true;
   let current = 0, shownItem = null, restoredFor = null, failures = 0, lastAnswers = null;
   // Digits and Enter typed while the page is between items (a Save on its way, or the item's questions not
-  // drawn yet) wait here, in order, and go to the item that appears: never to the item just saved. If none
-  // appears within SAVE_WAIT_MS (the Save was refused, or the server is slow) they are dropped.
+  // drawn yet) wait here, in order, and go to the item that appears: never to the item just saved. They are
+  // dropped when, SAVE_WAIT_MS after the first of them, the server has finished its run and the item is still
+  // there (the Save was refused), or after PENDING_MAX_MS whatever happens (a busy server, still drawing).
   let pending = [], pendingAt = 0, pendingAfter = null, lastSave = {at: 0, item: null};
-  const SAVE_WAIT_MS = 1000;
+  const SAVE_WAIT_MS = 1000, PENDING_MAX_MS = 10000;
+  // Whether the server has finished its run: while it runs, an item can be drawn in part (some of its questions).
+  // Without the attribute (another Streamlit), as if it had.
+  const serverIdle = () => (document.querySelector('[data-testid="stApp"]')?.dataset.testScriptState ?? 'notRunning') === 'notRunning';
   const marker = () => document.querySelector('.fz-item');
   const questions = () => [...document.querySelectorAll('.st-key-questions [data-testid="stRadio"]')];
   const choices = (q) => [...q.querySelectorAll('input[type="radio"]')];
@@ -171,7 +175,7 @@ PAGE_SCRIPT = r"""
           current = Math.min(current + 1, questions().length - 1);
         }
       }
-    } else if (pending.length && performance.now() - pendingAt > SAVE_WAIT_MS) {
+    } else if (pending.length && performance.now() - pendingAt > (serverIdle() ? SAVE_WAIT_MS : PENDING_MAX_MS)) {
       pending = [];
     }
     highlight();
@@ -188,11 +192,11 @@ PAGE_SCRIPT = r"""
     e.stopPropagation();
     return true;
   }
-  // Whether digits can score the item on the page now: its questions are drawn and no Save of it is on its way.
+  // Whether digits can score the item on the page now: it is drawn whole and no Save of it is on its way.
   function ready() {
     const m = marker();
     if (!m || shownItem !== `${m.dataset.rater}-${m.dataset.item}` || !document.querySelector(`.st-key-${m.dataset.item}-${m.dataset.first}`)) return false;
-    return !saving(m);
+    return !saving(m) && serverIdle();
   }
   // The zoom view: a reference painting at full size beside the image or images being rated (stacked on a portrait screen).
   const zoomView = () => document.querySelector('.fz-zoom');
