@@ -23,7 +23,6 @@ from fangzhi.evaluate.pairwise import (
     analyze_pairwise,
     bradley_terry,
     sign_test_p,
-    wilson_interval,
 )
 from fangzhi.evaluate.pairwise_power import (
     PairwisePowerConfig,
@@ -155,14 +154,25 @@ def test_bootstrap_resamples_prompt_seed_units_not_votes():
 # --- Win rates and sign test -----------------------------------------------------------------------
 
 
-def test_sign_test_equals_scipy_binomtest_and_wilson_equals_statsmodels():
+def test_sign_test_equals_scipy_binomtest():
     for wins, losses in [(7, 3), (0, 5), (12, 12), (30, 11), (1, 0)]:
         assert sign_test_p(wins, losses) == pytest.approx(sps.binomtest(wins, wins + losses, 0.5).pvalue, rel=1e-9)
     assert np.isnan(sign_test_p(0, 0))
-    low, high = wilson_interval(np.array([3.5, 10.0]), np.array([6, 40]))
-    for i, (count, n) in enumerate([(3.5, 6), (10.0, 40)]):
-        expected = proportion_confint(count, n, alpha=0.05, method="wilson")
-        assert (low[i], high[i]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_win_rate_ci_resamples_units_so_clustered_votes_widen_it():
+    # Each vote its own unit: the bootstrap CI is close to the Wilson interval of 130 wins in 200 votes.
+    style = analyze_pairwise(votes_from_counts({("lora", "base"): (130, 0, 70)}), None).pairs.set_index("dimension").loc["style"]
+    wilson = proportion_confint(130, 200, alpha=0.05, method="wilson")
+    assert style["win_rate"] == 0.65 and (style["win_rate_ci_low"], style["win_rate_ci_high"]) == pytest.approx(wilson, abs=0.02)
+    # The same votes, 10 per unit with every unit's votes alike (13 units all lora, 7 all base): ten times fewer
+    # independent units, so a CI about sqrt(10) times wider, which an interval over votes would not show.
+    clustered = votes_from_counts({("lora", "base"): (130, 0, 70)})
+    clustered["seed"] = np.concatenate([np.arange(130) // 10, 13 + np.arange(70) // 10]).tolist() * len(DIMENSION_KEYS)
+    clustered["rater"] = [f"r{i % 10}" for i in range(200)] * len(DIMENSION_KEYS)  # ten raters on each unit
+    wide = analyze_pairwise(clustered, None).pairs.set_index("dimension").loc["style"]
+    assert wide["win_rate"] == 0.65
+    assert 2.5 < (wide["win_rate_ci_high"] - wide["win_rate_ci_low"]) / (wilson[1] - wilson[0]) < 4.5
 
 
 def test_sign_test_is_on_untied_votes_and_holm_across_dimensions():

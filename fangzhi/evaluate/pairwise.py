@@ -3,7 +3,7 @@
 Input is the long pairwise votes format (`pairwise_votes.py`). Per dimension:
 
 - per arm pair: wins / ties / losses, the win rate with a tie counted as half a win, (wins + ties/2)/n,
-  with a Wilson 95% CI; the primary test at the unit that is independent, the prompt: each prompt's net
+  with a percentile bootstrap 95% CI over prompt × seed units (the Elo CIs' resamples); the primary test at the unit that is independent, the prompt: each prompt's net
   preference, (wins − losses)/votes over all its seeds and raters, tested against 0 across prompts with the
   Wilcoxon signed-rank test of the score analysis (`stats.signed_rank_test`); and, secondary, the sign test
   (exact binomial, p = 1/2) on the untied votes, which treats votes as independent: votes on one image
@@ -62,8 +62,8 @@ ELO_NOTE = (
     "prompt × seed units."
 )
 METHOD_NOTE = ELO_NOTE + (
-    " Win rate: (wins + ties/2)/n with a Wilson 95% CI (over votes as if independent, so too narrow when images differ "
-    "in which arm they favour; the Elo CIs resample units). Primary test (unit: prompts): each prompt's net preference "
+    " Win rate: (wins + ties/2)/n with a percentile bootstrap 95% CI over prompt × seed units (the same resamples as "
+    "the Elo CIs; a CI over votes would count the votes on one image as independent). Primary test (unit: prompts): each prompt's net preference "
     "(wins − losses)/votes over its seeds and raters, two-sided Wilcoxon signed-rank test against 0 across prompts. "
     "Secondary (unit: votes, which are not independent): exact two-sided binomial sign test (p = 1/2) on the untied votes. "
     "Both Holm-corrected across the four dimensions for each arm pair. Agreement: "
@@ -229,18 +229,6 @@ def to_elo(theta: np.ndarray) -> np.ndarray:
     return ELO_ANCHOR + ELO_PER_LOGIT * theta
 
 
-def wilson_interval(successes: np.ndarray, n: np.ndarray, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of successes/n (successes may be fractional: ties count half); NaN where n = 0."""
-    successes, n = np.asarray(successes, dtype=float), np.asarray(n, dtype=float)
-    z = sps.norm.ppf(0.5 + level / 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = successes / n
-        denominator = 1 + z**2 / n
-        center = (p + z**2 / (2 * n)) / denominator
-        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
-    return center - half, center + half
-
-
 def sign_test_p(wins: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """Two-sided exact sign test (binomial, p = 1/2) on untied votes; NaN without any untied vote.
 
@@ -253,8 +241,8 @@ def sign_test_p(wins: np.ndarray, losses: np.ndarray) -> np.ndarray:
     return np.where(n > 0, p, np.nan)
 
 
-def bootstrap_elo(unit_scores: sparse.csr_matrix, k: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Elo of every arm per resample and dimension, (n_boot, dimensions, k), resampling units with replacement.
+def bootstrap_score_matrices(unit_scores: sparse.csr_matrix, k: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Score matrices (n_boot, dimensions, k, k) of resampled studies, resampling units with replacement.
 
     Each resample's unit counts come from `rng.integers` + `bincount` (an ordinary bootstrap), in chunks of
     resamples so that resamples × units stays bounded; one matrix product gives all their win matrices.
@@ -269,8 +257,7 @@ def bootstrap_elo(unit_scores: sparse.csr_matrix, k: int, n_boot: int, rng: np.r
         draws = rng.integers(0, n_units, size=(size, n_units)) + (np.arange(size) * n_units)[:, None]
         counts = np.bincount(draws.ravel(), minlength=size * n_units).reshape(size, n_units)
         matrices.append(np.asarray(counts.astype(np.float64) @ matrix))
-    resampled = np.concatenate(matrices).reshape(n_boot, len(DIMENSION_KEYS), k, k)
-    return to_elo(bradley_terry(resampled))
+    return np.concatenate(matrices).reshape(n_boot, len(DIMENSION_KEYS), k, k)
 
 
 def outcome_counts(encoded: EncodedVotes) -> np.ndarray:
@@ -295,11 +282,13 @@ def prompt_net_preferences(encoded: EncodedVotes) -> tuple[np.ndarray, np.ndarra
     return np.bincount(index, weights=net, minlength=size).reshape(shape), np.bincount(index, minlength=size).reshape(shape)
 
 
-def pair_table(counts: np.ndarray, arms: list[str], net_sums: np.ndarray, net_votes: np.ndarray) -> pd.DataFrame:
-    """One row per dimension × compared arm pair: wins/ties/losses, win rate with Wilson CI, the prompt-level test
-    (primary) and the vote-level sign test (secondary), each Holm-corrected across dimensions."""
+def pair_table(counts: np.ndarray, arms: list[str], resampled: np.ndarray, net_sums: np.ndarray, net_votes: np.ndarray) -> pd.DataFrame:
+    """One row per dimension × compared arm pair: wins/ties/losses, the win rate with its bootstrap CI (from the
+    `resampled` score matrices), the prompt-level test (primary) and the vote-level sign test (secondary), each
+    Holm-corrected across dimensions."""
     rows = []
     k = len(arms)
+    tail = (1 - CI_LEVEL) / 2 * 100
     for d, dim in enumerate(DIMENSION_KEYS):
         for i in range(k):
             for j in range(i + 1, k):
@@ -307,19 +296,20 @@ def pair_table(counts: np.ndarray, arms: list[str], net_sums: np.ndarray, net_vo
                 if low_wins + ties + high_wins:
                     voted = net_votes[d, i, j] > 0
                     per_prompt = net_sums[d, i, j, voted] / net_votes[d, i, j, voted]
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        rates = resampled[:, d, j, i] / (resampled[:, d, j, i] + resampled[:, d, i, j])
+                    rates = rates[np.isfinite(rates)]  # resamples that drew no vote of this pair have no rate
+                    low, high = np.percentile(rates, [tail, 100 - tail]) if rates.size else (np.nan, np.nan)
                     # From the later arm's side, so that against the reference arm the other arm's wins are shown.
                     rows.append({
                         "dimension": dim, "arm": arms[j], "versus": arms[i], "wins": high_wins, "ties": ties, "losses": low_wins,
-                        "n_prompts": int(voted.sum()), "net_preference": float(per_prompt.mean()), "prompt_test_p": signed_rank_test(per_prompt)[1],
+                        "win_rate_ci_low": low, "win_rate_ci_high": high, "n_prompts": int(voted.sum()), "net_preference": float(per_prompt.mean()), "prompt_test_p": signed_rank_test(per_prompt)[1],
                     })
-    columns = ["dimension", "arm", "versus", "wins", "ties", "losses", "n_prompts", "net_preference", "prompt_test_p"]
+    columns = ["dimension", "arm", "versus", "wins", "ties", "losses", "win_rate_ci_low", "win_rate_ci_high", "n_prompts", "net_preference", "prompt_test_p"]
     table = pd.DataFrame(rows, columns=columns)
     n = table["wins"] + table["ties"] + table["losses"]
     table.insert(6, "n", n)
     table.insert(7, "win_rate", (table["wins"] + table["ties"] / 2) / n)
-    low, high = wilson_interval(table["wins"] + table["ties"] / 2, n)
-    table.insert(8, "win_rate_ci_low", low)
-    table.insert(9, "win_rate_ci_high", high)
     table["prompt_test_p_holm"] = np.nan
     table["sign_test_p"] = sign_test_p(table["wins"], table["losses"])
     table["sign_test_p_holm"] = np.nan
@@ -442,7 +432,7 @@ class PairwiseResult:
             ("Pairwise preferences: Bradley–Terry strengths", METHOD_NOTE, self.strengths),
             (
                 "Pairwise preferences: arm pairs",
-                "Wins, ties and losses of `arm` against `versus`; win rate (ties as half) with Wilson 95% CI. Primary test, unit: prompts "
+                "Wins, ties and losses of `arm` against `versus`; win rate (ties as half) with a bootstrap 95% CI over prompt × seed units. Primary test, unit: prompts "
                 "(net preference per prompt, Wilcoxon signed-rank across prompts, `prompt_test_p`); secondary, unit: votes (sign test on "
                 "untied votes, `sign_test_p`; votes on one image are not independent, so it rejects too often).",
                 self.pairs,
@@ -465,11 +455,12 @@ def analyze_votes(
     encoded = encode_votes(votes, reference)
     arms, k = encoded.arms, len(encoded.arms)
     counts = outcome_counts(encoded)
-    pairs = pair_table(counts, arms, *prompt_net_preferences(encoded))
     unit_scores = score_matrices(encoded)
+    resampled = bootstrap_score_matrices(unit_scores, k, n_boot, np.random.default_rng(seed))
+    pairs = pair_table(counts, arms, resampled, *prompt_net_preferences(encoded))
     totals = np.asarray(unit_scores.sum(axis=0)).reshape(len(DIMENSION_KEYS), k, k)
     elo = to_elo(bradley_terry(totals))
-    boot = bootstrap_elo(unit_scores, k, n_boot, np.random.default_rng(seed))
+    boot = to_elo(bradley_terry(resampled))
     strengths = strength_table(elo, boot, pairs, counts, arms)
     agreement, per_rater = agreement_table(encoded)
 
