@@ -301,18 +301,17 @@ def pair_table(counts: np.ndarray, arms: list[str], resampled: np.ndarray, net_s
                     rates = rates[np.isfinite(rates)]  # resamples that drew no vote of this pair have no rate
                     low, high = np.percentile(rates, [tail, 100 - tail]) if rates.size else (np.nan, np.nan)
                     # From the later arm's side, so that against the reference arm the other arm's wins are shown.
+                    n = low_wins + ties + high_wins
                     rows.append({
                         "dimension": dim, "arm": arms[j], "versus": arms[i], "wins": high_wins, "ties": ties, "losses": low_wins,
-                        "win_rate_ci_low": low, "win_rate_ci_high": high, "n_prompts": int(voted.sum()), "net_preference": float(per_prompt.mean()), "prompt_test_p": signed_rank_test(per_prompt)[1],
+                        "n": n, "win_rate": (high_wins + ties / 2) / n, "win_rate_ci_low": low, "win_rate_ci_high": high,
+                        "n_prompts": int(voted.sum()), "net_preference": float(per_prompt.mean()),
+                        "prompt_test_p": signed_rank_test(per_prompt)[1], "prompt_test_p_holm": np.nan,
+                        "sign_test_p": float(sign_test_p(high_wins, low_wins)), "sign_test_p_holm": np.nan,
                     })
-    columns = ["dimension", "arm", "versus", "wins", "ties", "losses", "win_rate_ci_low", "win_rate_ci_high", "n_prompts", "net_preference", "prompt_test_p"]
+    columns = ["dimension", "arm", "versus", "wins", "ties", "losses", "n", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
+               "n_prompts", "net_preference", "prompt_test_p", "prompt_test_p_holm", "sign_test_p", "sign_test_p_holm"]
     table = pd.DataFrame(rows, columns=columns)
-    n = table["wins"] + table["ties"] + table["losses"]
-    table.insert(6, "n", n)
-    table.insert(7, "win_rate", (table["wins"] + table["ties"] / 2) / n)
-    table["prompt_test_p_holm"] = np.nan
-    table["sign_test_p"] = sign_test_p(table["wins"], table["losses"])
-    table["sign_test_p_holm"] = np.nan
     for _, rows_of_pair in table.groupby(["arm", "versus"], sort=False).groups.items():
         for test in ("prompt_test_p", "sign_test_p"):
             table.loc[rows_of_pair, f"{test}_holm"] = holm(table.loc[rows_of_pair, test].to_numpy())

@@ -375,10 +375,6 @@ def release_media(keep: set[tuple]) -> None:
     media_access.TICKETS.revoke([issued.pop(key) for key in list(issued) if key not in keep])
 
 
-def reference_keys(references: tuple[str, ...]) -> set[tuple]:
-    return {("reference", path) for path in references}
-
-
 def rated_image(con, db: str, path: str, position: int, max_side: int) -> bytes:
     """The image as this rater's session receives it: padded to the study's length with session-keyed filler."""
     key = st.session_state.setdefault("media_key", secrets.token_bytes(16))
@@ -546,9 +542,8 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
             url = media_url(("item", position), lambda: rated_image(con, db, item.image_path, position, media.ITEM_MAX_SIDE))
             st.html(f'<img class="fz-rated" src="{url}" alt="">')
         if references:
-            url_for = lambda path: media_url(("reference", path), lambda: display_bytes(path, media.REFERENCE_MAX_SIDE))  # noqa: E731
-            item_form.reference_strip(references, url_for, i18n.text("reference", lang), lang)
-        release_media({("item", position)} | reference_keys(references))
+            item_form.reference_strip(references, media_url, display_bytes, i18n.text("reference", lang), lang)
+        release_media({("item", position)} | item_form.reference_keys(references))
     with side_column:
         st.text(i18n.text("item_counter", lang, k=position + 1, n=total) + " · " + i18n.text("progress", lang, done=sum(complete), total=total))
         with st.container(key="item-text"):
@@ -615,7 +610,7 @@ def rater_flow(con, db: str, rater: store.Rater | None, references: tuple[str, .
         complete = store.completed_positions(con, rater.rater_id)
     view = st.session_state.view
     if view != "item":
-        release_media(reference_keys(references))
+        release_media(item_form.reference_keys(references))
     if view == "start":
         instructions_page(complete, lang)
     elif view == "done":

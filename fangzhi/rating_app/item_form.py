@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 
 from fangzhi.dimensions import DIMENSIONS
-from fangzhi.rating_app import i18n
+from fangzhi.rating_app import i18n, media
 
 BUTTONS = ("save", "back", "overview")
 
@@ -49,13 +49,24 @@ def keep_draft(form: Submitted) -> None:
     st.session_state.get("shown_at", {}).pop(form.position, None)
 
 
-def reference_strip(references: tuple[str, ...], url_for: Callable[[str], str], caption: str, lang: str) -> None:
+def reference_keys(references: tuple[str, ...]) -> set[tuple]:
+    """The media keys under which `reference_strip` issues the paintings' addresses."""
+    return {("reference", path) for path in references}
+
+
+def reference_strip(
+    references: tuple[str, ...],
+    media_url: Callable[[tuple, Callable[[], bytes]], str],
+    display_bytes: Callable[[str, int], bytes],
+    caption: str,
+    lang: str,
+) -> None:
     """The reference paintings as thumbnails (sent at zoom size); a click or Z opens the app's zoom view, which shows
     the chosen one beside every image on the page marked `fz-rated` (captioned by its `data-label`)."""
     with st.container(key="references"):
         buttons = "".join(
             f'<button type="button" class="fz-reference" aria-label="{html.escape(i18n.text("zoom_reference", lang, k=k, n=len(references)))}">'
-            f'<img src="{url_for(path)}" alt=""></button>'
+            f'<img src="{media_url(("reference", path), lambda path=path: display_bytes(path, media.REFERENCE_MAX_SIDE))}" alt=""></button>'
             for k, path in enumerate(references, start=1)
         )
         labels = {"rated": i18n.text("zoom_rated", lang), "reference": i18n.text("zoom_reference", lang, k="{k}", n="{n}"), "close": i18n.text("zoom_close", lang)}

@@ -198,10 +198,9 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
             st.caption(i18n.text(f"pair_{side}", lang))
             url = parts.media_url(("pair", position, side), lambda side=side: side_image(parts, comparison, side, media.ITEM_MAX_SIDE))
             st.html(f'<img class="fz-rated" data-label="{html.escape(i18n.text(f"pair_{side}", lang))}" src="{url}" alt="">')
-    shown = {("pair", position, side) for side in SIDES} | {("reference", path) for path in references}
+    shown = {("pair", position, side) for side in SIDES} | item_form.reference_keys(references)
     if references:
-        url_for = lambda path: parts.media_url(("reference", path), lambda: parts.display_bytes(path, media.REFERENCE_MAX_SIDE))  # noqa: E731
-        item_form.reference_strip(references, url_for, i18n.text("pair_reference", lang), lang)
+        item_form.reference_strip(references, parts.media_url, parts.display_bytes, i18n.text("pair_reference", lang), lang)
     parts.release_media(shown)
     labels = {choice: i18n.text(f"pair_choice_{choice}", lang) for choice in CHOICES}
     notice, fields = st.session_state.pop("notice", (None, {}))
