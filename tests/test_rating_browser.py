@@ -299,10 +299,34 @@ def test_enter_in_the_comment_saves_but_not_while_an_input_method_composes(live_
     page.context.close()
 
 
+def fonts_drawing(page, selector: str) -> set[str]:
+    """The fonts the browser actually drew the text of `selector` with (not the CSS it asked for)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+    return {font["familyName"] for font in cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]}
+
+
+def page_language(page) -> tuple[str, str]:
+    return tuple(page.evaluate("[document.documentElement.lang, document.querySelector('[data-testid=stSkipToContent]').textContent]"))
+
+
 def test_english_item_fits_one_screen_too(live_app, browser):
     page = open_rater(browser, live_app["url"], live_app["tokens"]["heidi"])
+    # The page is Chinese as HTML sees it: Simplified Chinese glyphs (the CJK font's default is often Japanese),
+    # a screen reader's Chinese voice, and Streamlit's skip link in Chinese.
+    page.wait_for_function("() => document.documentElement.lang === 'zh-CN'")
+    assert page_language(page) == ("zh-CN", "跳到主要内容")
+    assert any("SC" in font for font in fonts_drawing(page, ".st-key-lang-zh [data-testid=stText]"))
     page.get_by_text("English", exact=True).click()
     page.get_by_text("Image 1 of").wait_for()
+    page.wait_for_function("() => document.documentElement.lang === 'en'")
+    assert page_language(page) == ("en", "Skip to main content")
+    # On the English page the prompt's Chinese narrative is still drawn with Chinese glyphs.
+    narrative_fonts = fonts_drawing(page, ".st-key-lang-zh [data-testid=stText]")
+    assert any("SC" in font for font in narrative_fonts) and not any("JP" in font for font in narrative_fonts), narrative_fonts
     questions = page.locator(".st-key-questions [data-testid=stRadio]")
     assert within_viewport(page, page.locator(".st-key-item-image img"))
     for q in range(4):

@@ -136,7 +136,20 @@ PAGE_SCRIPT = r"""
     // Above the questions as a whole (on the pairwise page they stand in columns).
     document.querySelector('.st-key-questions')?.before(note);
   }
+  // The page in the rater's language: Streamlit's page says lang="en" and has an English skip link whatever it shows.
+  function localize() {
+    const page = document.querySelector('.fz-page');
+    if (!page) return;
+    const root = document.documentElement;
+    if (root.lang !== page.dataset.lang) root.lang = page.dataset.lang;
+    const skip = document.querySelector('[data-testid="stSkipToContent"]');
+    if (skip && skip.textContent !== page.dataset.skip) skip.textContent = page.dataset.skip;
+    document.querySelectorAll('.st-key-lang-zh:not([lang]), .st-key-lang-en:not([lang])').forEach((e) => {
+      e.lang = e.classList.contains('st-key-lang-zh') ? 'zh-CN' : 'en';
+    });
+  }
   setInterval(() => {
+    localize();
     const m = marker();
     // Wait until the questions on the page are this item's (their keys start with its position).
     if (m && !document.querySelector(`.st-key-${m.dataset.item}-${m.dataset.first}`)) return;
@@ -401,7 +414,10 @@ def next_position(complete: list[bool], position: int) -> int | None:
 
 def page_frame(lang: str) -> None:
     st.html(PAGE_CSS)
-    st.html(f'<div class="fz-page" data-offline="{html.escape(i18n.text("connection_lost", lang))}"></div>')
+    st.html(
+        f'<div class="fz-page" data-lang="{i18n.HTML_LANG[lang]}" data-skip="{html.escape(i18n.text("skip_to_content", lang))}" '
+        f'data-offline="{html.escape(i18n.text("connection_lost", lang))}"></div>'
+    )
     st.html(PAGE_SCRIPT, unsafe_allow_javascript=True)
 
 
@@ -546,10 +562,7 @@ def item_page(con, db: str, rater: store.Rater, complete: list[bool], references
         release_media({("item", position)} | item_form.reference_keys(references))
     with side_column:
         st.text(i18n.text("item_counter", lang, k=position + 1, n=total) + " · " + i18n.text("progress", lang, done=sum(complete), total=total))
-        with st.container(key="item-text"):
-            st.text(item.narrative_zh)
-            with st.expander(i18n.text("prompt_en", lang)):
-                st.text(item.prompt_en)
+        item_form.prompt_texts(item.narrative_zh, item.prompt_en, lang)
         if item.kind == "attention":
             st.info(i18n.text("attention", lang, score=item.expected))
         notice, fields = st.session_state.pop("notice", (None, {}))
@@ -746,7 +759,7 @@ def main() -> None:
         with server.cursor() as con:
             settings = store.study_settings(con)
             if st.query_params.get("page") == "admin":
-                page_frame(settings.default_lang)
+                page_frame("en")  # the admin page is in English
                 admin_page(con, db, settings)
                 return
             token = st.query_params.get("token", "")

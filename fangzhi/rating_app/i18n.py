@@ -10,6 +10,8 @@ from fangzhi.dimensions import DIMENSIONS
 
 LANGUAGES: tuple[str, ...] = ("zh", "en")
 LANGUAGE_NAMES = {"zh": "中文", "en": "English"}
+# The page's language as HTML names it: it picks the glyphs (Simplified Chinese, not Japanese) and a screen reader's voice.
+HTML_LANG = {"zh": "zh-CN", "en": "en"}
 
 ANCHORS: dict[str, dict[str, tuple[str, str, str, str, str]]] = {
     "style": {
@@ -148,6 +150,7 @@ _TEXT: dict[str, dict[str, str]] = {
         "zh": "已恢复您在本页尚未保存的选择，请检查后保存。",
         "en": "Your unsaved choices on this image were restored; check them and save.",
     },
+    "skip_to_content": {"zh": "跳到主要内容", "en": "Skip to main content"},
     "connection_lost": {
         "zh": "与服务器的连接已断开，正在重新连接……本页的选择会保留，连接恢复后请点击“保存并继续”。",
         "en": "The connection to the server was lost; reconnecting… Your choices on this page are kept: press Save & next once it is back.",

@@ -1,6 +1,6 @@
 """What both rating pages (one image, or two side by side) draw and read alike: the reference strip, the end of an
-item's form (comment, Back / All / Save & next, the keyboard hint), which of its buttons started a run, and the list
-of all items."""
+item's form (comment, Back / All / Save & next, the keyboard hint), the prompt's two texts, which of its buttons started
+a run, and the list of all items."""
 
 from __future__ import annotations
 
@@ -92,6 +92,20 @@ def form_end(position: int, comment: str, overview_label: str, lang: str) -> Non
         st.form_submit_button(i18n.text("back", lang), key=f"back-{position}")
         st.form_submit_button(overview_label, key=f"overview-{position}")
         st.form_submit_button(i18n.text("save_next", lang), type="primary", shortcut="Enter", key=f"save-{position}")
+
+
+def prompt_texts(narrative_zh: str, prompt_en: str, lang: str) -> None:
+    """The prompt's Chinese narrative, and its English text folded away; literal text, never Markdown or HTML.
+
+    Each sits in a container the page script marks with its language (`lang-zh`, `lang-en`), so that the Chinese
+    gets Chinese glyphs on an English page too (browsers otherwise often pick a Japanese font's), and a screen
+    reader reads each in its own language.
+    """
+    with st.container(key="item-text"):
+        with st.container(key="lang-zh"):
+            st.text(narrative_zh)
+        with st.expander(i18n.text("prompt_en", lang)), st.container(key="lang-en"):
+            st.text(prompt_en)
 
 
 def keyboard_hint(text: str) -> None:

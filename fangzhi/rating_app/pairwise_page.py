@@ -188,10 +188,7 @@ def comparison_page(con, parts: AppParts, rater: store.Rater, complete: list[boo
         f'data-saved="{saved_signature}" data-restored="{html.escape(i18n.text("draft_restored", lang))}"></div>'
     )
     st.text(i18n.text("pair_counter", lang, k=position + 1, n=len(complete)) + " · " + i18n.text("pair_progress", lang, done=sum(complete), total=len(complete)))
-    with st.container(key="item-text"):
-        st.text(comparison.narrative_zh)
-        with st.expander(i18n.text("prompt_en", lang)):
-            st.text(comparison.prompt_en)
+    item_form.prompt_texts(comparison.narrative_zh, comparison.prompt_en, lang)
     columns = st.columns(2, gap="medium")
     for side, column in zip(SIDES, columns):
         with column, st.container(key=f"pair-{side}"):
