@@ -220,6 +220,21 @@ def test_resume_matches_an_uninterrupted_run(tiny_base, tmp_path: Path):
     assert [r.split(",")[2] for r in losses(straight)] == [r.split(",")[2] for r in losses(interrupted)]
 
 
+def test_resume_with_other_lora_settings_is_refused_before_loading_and_keeps_the_runs_config(tiny_base, tmp_path: Path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_base, out, max_steps=2, checkpoint_every=1, optimizer="adamw"))
+    saved_config = (out / "config.yaml").read_bytes()
+    with pytest.raises(FangzhiError, match=r"lora\.rank: 4 there, 8 now.*lora\.alpha: 4\.0 there, 8\.0 now"):
+        train(tiny_config("no/such-base", out, max_steps=4, resume="latest", lora={"rank": 8, "alpha": 8}))
+    assert (out / "config.yaml").read_bytes() == saved_config
+
+    # A checkpoint whose run left no config is still checked, by its weights' shapes, and no config is written for it.
+    (out / "config.yaml").unlink()
+    with pytest.raises(FangzhiError, match=r"parameters differ, e\.g\. \S+ is \(4, \d+\) there and \(8, \d+\) here"):
+        train(tiny_config(tiny_base, out, max_steps=4, resume="latest", optimizer="adamw", lora={"rank": 8, "alpha": 8}))
+    assert not (out / "config.yaml").exists()
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_base, tmp_path: Path):
     with pytest.raises(FangzhiError, match=r"loss became (nan|inf).*step \d+.*checkpoint"):
         train(tiny_config(tiny_base, tmp_path / "nan", learning_rate=1e12, optimizer="adamw", max_grad_norm=None, max_steps=40, checkpoint_every=1))

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
+from fangzhi.config import read_config_file
 from fangzhi.errors import FangzhiError
 
 LORA_STATE_FILE = "lora_trainable.safetensors"
@@ -87,10 +88,15 @@ def register_lora_state_hooks(accelerator: Accelerator, models: dict[str, torch.
         state = load_file(str(Path(input_dir) / LORA_STATE_FILE))
         params = _trainable_parameters(models)
         differing = set(params) ^ set(state)
-        if differing:
+        reshaped = [key for key in set(params) & set(state) if params[key].shape != state[key].shape]
+        if differing or reshaped:
+            example = (
+                f"e.g. {reshaped[0]} is {tuple(state[reshaped[0]].shape)} there and {tuple(params[reshaped[0]].shape)} here"
+                if reshaped else f"e.g. {sorted(differing)[0]} is in only one of them"
+            )
             raise FangzhiError(
-                f"{input_dir}: checkpoint does not match this config's LoRA layout ({len(differing)} parameters differ); "
-                "resume with the config it was made with"
+                f"{input_dir}: checkpoint does not match this config's LoRA layout ({len(differing) + len(reshaped)} parameters "
+                f"differ, {example}); resume with the config it was made with"
             )
         with torch.no_grad():
             for key, param in params.items():
@@ -118,6 +124,25 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, global_step
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_same_lora(lora: dict, checkpoint: Path) -> None:
+    """Refuse, before any model loads, to resume a checkpoint with other LoRA settings than the run that wrote it.
+
+    Its run's resolved config sits two folders up (OUTPUT/config.yaml). Another rank or other target layers could not
+    load; another alpha would silently rescale the weights trained so far. Without that file, the weights' shapes are
+    still checked when the checkpoint loads.
+    """
+    saved_config = checkpoint.parent.parent / "config.yaml"
+    if not saved_config.is_file():
+        return
+    saved = read_config_file(saved_config).get("lora") or {}
+    changed = [f"lora.{key}: {saved[key]!r} there, {value!r} now" for key, value in lora.items() if key in saved and saved[key] != value]
+    if changed:
+        raise FangzhiError(
+            f"--resume {checkpoint}: its run ({saved_config}) had other LoRA settings: " + "; ".join(changed)
+            + ". Resume with those settings, or train into a new output_dir."
+        )
 
 
 def find_checkpoint(resume: str, checkpoints_dir: Path) -> Path:

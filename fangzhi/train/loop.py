@@ -29,7 +29,14 @@ from fangzhi.config import save_config
 from fangzhi.data import CaptionedImageDataset, load_training_entries
 from fangzhi.errors import FangzhiError
 from fangzhi.models import allow_tf32, load_pipeline
-from fangzhi.train.checkpoint import ProcessNoiseGenerator, TrainingPosition, find_checkpoint, register_lora_state_hooks, save_checkpoint
+from fangzhi.train.checkpoint import (
+    ProcessNoiseGenerator,
+    TrainingPosition,
+    check_same_lora,
+    find_checkpoint,
+    register_lora_state_hooks,
+    save_checkpoint,
+)
 from fangzhi.train.config import TrainConfig
 from fangzhi.train.lora import LORA_WEIGHT_NAME, attach_lora, export_kohya, kohya_export_path, save_lora
 
@@ -121,8 +128,11 @@ def _encode_every_image(vae, entries: list, cfg: TrainConfig, workers: int, devi
 def train(cfg: TrainConfig) -> Path:
     """Train a style LoRA as `cfg` says; returns the path of pytorch_lora_weights.safetensors."""
     entries = load_training_entries(cfg.data)  # refuses bad data before any model is loaded
+    checkpoint = find_checkpoint(cfg.resume, Path(cfg.output_dir) / "checkpoints") if cfg.resume else None
+    if checkpoint is not None:
+        check_same_lora(cfg.lora.model_dump(mode="json"), checkpoint)
     try:
-        return _train(cfg, entries)
+        return _train(cfg, entries, checkpoint)
     finally:
         # accelerate keeps one process-wide state and refuses a second Accelerator with other settings
         # (e.g. another mixed precision), so a second train() in the same process must start clean.
@@ -135,7 +145,7 @@ def train(cfg: TrainConfig) -> Path:
             torch.cuda.empty_cache()
 
 
-def _train(cfg: TrainConfig, entries: list) -> Path:
+def _train(cfg: TrainConfig, entries: list, checkpoint: Path | None) -> Path:
     out_dir = Path(cfg.output_dir)
     log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(
@@ -162,7 +172,6 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     pipe = load_pipeline(cfg.base, torch_dtype=weight_dtype, base_config=cfg.base_config)
@@ -234,10 +243,12 @@ def _train(cfg: TrainConfig, entries: list) -> Path:
     accelerator.register_for_checkpointing(position, process_noise)
     noise_generator = process_noise.generator
     checkpoints_dir = out_dir / "checkpoints"
-    if cfg.resume:
-        checkpoint = find_checkpoint(cfg.resume, checkpoints_dir)
+    if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {position.global_step}")
+    if accelerator.is_main_process:
+        # Only now: a checkpoint that does not fit this config must leave its run's config as it was.
+        save_config(cfg, out_dir / "config.yaml")
     start_epoch, start_skip = position.epoch, position.batches_done_in_epoch
     if accelerator.num_processes > 1:
         print(f"[process {accelerator.process_index}] training on {accelerator.device}, {accelerator.num_processes} processes", flush=True)
