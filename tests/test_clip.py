@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 
 from fangzhi.cli import main as cli_main
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate.clip_check import ClipCheckConfig, ClipGateRules, clip_check, gate_metric, resolve_rules
+from fangzhi.evaluate import clip_check as clip_check_module
+from fangzhi.evaluate.clip_check import ClipCheckConfig, ClipGateRules, clip_check, gate_metric, read_baseline, resolve_rules
 from fangzhi.evaluate.clip_score import paired_arm_test, score_manifest, summarize_by_arm
 from fangzhi.models.clip import TINY_CLIP_MODEL_CFG, build_tiny_clip, clip_weights_sha256, load_clip, save_clip_folder
 
@@ -374,6 +375,82 @@ def test_clip_check_needs_enough_images_for_its_test(tmp_path, aligned_clip_dir)
         clip_check(check_config(small, tmp_path / "baseline.json", aligned_clip_dir, update_baseline=True))
 
 
+@pytest.fixture(scope="module")
+def good_baseline(manifest, tiny_clip_dir, reference_dir, workdir) -> Path:
+    baseline = workdir / "good" / "clip_baseline.json"
+    assert clip_check(check_config(manifest, baseline, tiny_clip_dir, update_baseline=True, reference_images=reference_dir)) == 0
+    return baseline
+
+
+# Each edit breaks a copy of a good baseline and returns the phrases the error must contain.
+def score_not_a_number(baseline: dict) -> list[str]:
+    baseline["images"][3]["clip_score"] = "high"
+    return ["key 'images.3.clip_score': value \"high\" is invalid: Input should be a valid number", f"images.3 is image_id {baseline['images'][3]['image_id']!r}"]
+
+
+def seed_missing(baseline: dict) -> list[str]:
+    del baseline["images"][5]["seed"]
+    return ["key 'images.5.seed': required but not given", f"images.5 is image_id {baseline['images'][5]['image_id']!r}"]
+
+
+def seed_as_text(baseline: dict) -> list[str]:
+    baseline["images"][0]["seed"] = "0"  # fangzhi writes numbers; text here is a hand edit, which lax parsing would let through
+    return ["key 'images.0.seed': value \"0\" is invalid: Input should be a valid integer"]
+
+
+def alpha_negative(baseline: dict) -> list[str]:
+    baseline["rules"]["alpha"] = -1
+    return ["key 'rules.alpha': value -1 is invalid: Input should be greater than 0"]
+
+
+def scores_not_finite(baseline: dict) -> list[str]:
+    baseline["images"][2].update(clip_score=float("nan"), style_similarity=float("inf"))  # json.dumps writes NaN and Infinity
+    return ["key 'images.2.clip_score': value NaN is invalid: Input should be a finite number",
+            "key 'images.2.style_similarity': value Infinity is invalid: Input should be a finite number"]
+
+
+def no_images(baseline: dict) -> list[str]:
+    baseline["images"] = []
+    return ["key 'images': value [] is invalid: List should have at least 1 item"]
+
+
+def repeated_image(baseline: dict) -> list[str]:
+    repeated = dict(baseline["images"][4])
+    baseline["images"].append(repeated)
+    return [f"images.16 (image_id {repeated['image_id']!r}) repeats arm {repeated['arm']!r}, prompt {repeated['prompt']!r}, seed {repeated['seed']} of images.4"]
+
+
+def style_missing_with_reference_set(baseline: dict) -> list[str]:
+    baseline["images"][6]["style_similarity"] = None
+    return [f"images.6.style_similarity (image_id {baseline['images'][6]['image_id']!r}): null, but the baseline has reference images"]
+
+
+def several_problems(baseline: dict) -> list[str]:
+    return [*score_not_a_number(baseline), *seed_missing(baseline), *alpha_negative(baseline)]
+
+
+@pytest.mark.parametrize("edit", [score_not_a_number, seed_missing, seed_as_text, alpha_negative, scores_not_finite, no_images,
+                                  repeated_image, style_missing_with_reference_set, several_problems])
+def test_clip_check_rejects_a_broken_baseline_with_exit_2(edit, good_baseline, manifest, tiny_clip_dir, reference_dir, tmp_path, monkeypatch, capsys):
+    baseline = json.loads(good_baseline.read_text())
+    expected = edit(baseline)
+    broken = tmp_path / "clip_baseline.json"
+    broken.write_text(json.dumps(baseline, indent=2))
+
+    def load_clip_too_early(*args, **kwargs):
+        pytest.fail("the CLIP model was loaded before the baseline was validated")
+
+    monkeypatch.setattr(clip_check_module, "load_clip", load_clip_too_early)
+    code = cli_main(["clip-check", "--images", str(manifest), "--baseline", str(broken), "--pretrained", str(tiny_clip_dir),
+                     "--reference-images", str(reference_dir), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 2  # bad input, never 1: CI must not report a broken baseline as a regression
+    assert error.startswith(f"error: {broken}: ")
+    for phrase in expected:
+        assert phrase in error
+    assert "--update-baseline" in error
+
+
 # --- the gate's rules on known numbers -----------------------------------------------------------------------
 
 
@@ -413,9 +490,14 @@ def test_gate_fails_when_a_few_images_collapse():
     assert not verdicts(paired, ClipGateRules(collapse_max_images=8))[("collapse", "all")]
 
 
-def test_rules_come_from_flags_then_the_baseline_then_defaults(tmp_path):
-    config = ClipCheckConfig(images=tmp_path / "m.jsonl", baseline=tmp_path / "b.json", tolerance=0.2)
-    rules, note = resolve_rules(config, {"rules": {"tolerance": 0.9, "collapse_max_images": 5}})
+def test_rules_come_from_flags_then_the_baseline_then_defaults(good_baseline, tmp_path):
+    stored = json.loads(good_baseline.read_text())
+    path = tmp_path / "b.json"
+    config = ClipCheckConfig(images=tmp_path / "m.jsonl", baseline=path, tolerance=0.2)
+    path.write_text(json.dumps({**stored, "rules": {"tolerance": 0.9, "collapse_max_images": 5}}))
+    rules, note = resolve_rules(config, read_baseline(path))
     assert rules.tolerance == 0.2 and rules.collapse_max_images == 5 and rules.alpha == 0.05 and note is None
-    rules, note = resolve_rules(config, {"format": "fangzhi-clip-baseline/1"})  # an old baseline: no stored rules
+    old = {key: value for key, value in stored.items() if key != "rules"}  # an old baseline: no stored rules
+    path.write_text(json.dumps({**old, "format": "fangzhi-clip-baseline/1"}))
+    rules, note = resolve_rules(config, read_baseline(path))
     assert rules.tolerance == 0.2 and rules.collapse_drop == 5.0 and "older fangzhi" in note and "--update-baseline" in note

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import ConfigDict, Field, FiniteFloat, ValidationError
 
-from fangzhi.config import StrictModel
+from fangzhi.config import StrictModel, format_validation_error
 from fangzhi.errors import FangzhiError
 from fangzhi.evaluate.clip_score import find_reference_images, json_ready, read_manifest, reference_set_sha256, score_manifest
 from fangzhi.models.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_model_identity, clip_weights_sha256, load_clip
@@ -54,6 +54,59 @@ class ClipGateRules(StrictModel):
 
 
 RULE_KEYS: tuple[str, ...] = tuple(ClipGateRules.model_fields)
+RECREATE_HINT = "Fix what is named above, or recreate the baseline from known-good images with --update-baseline."
+
+
+class ClipBaselineImage(StrictModel):
+    """One image's stored numbers; strict, so a hand-edited "25.1" or true is not quietly read as a number."""
+
+    model_config = ConfigDict(strict=True)
+
+    arm: str
+    prompt: str
+    seed: int
+    image_id: str
+    image_sha256: str
+    clip_score: FiniteFloat
+    style_similarity: FiniteFloat | None  # null when the baseline was made without reference images
+
+
+class ClipBaseline(StrictModel):
+    """The baseline file (docs/formats.md, "CLIP baseline")."""
+
+    model_config = ConfigDict(strict=True)
+
+    format: str  # read_baseline checks it first, so that some other JSON file gets one message, not one per key
+    created: str | None = None  # created, manifest, pretrained: informational, never compared
+    manifest: str | None = None
+    pretrained: str | None = None
+    model: str
+    weights_sha256: str
+    reference_images_sha256: str | None
+    rules: ClipGateRules | None = None  # absent in fangzhi-clip-baseline/1
+    prompts: dict[str, str]
+    seeds: list[int]
+    images: list[ClipBaselineImage] = Field(min_length=1)
+
+    def entry_problems(self) -> list[str]:
+        """What per-key validation cannot see: a repeated (arm, prompt, seed), which the pairing would count twice,
+        and a missing style number where the baseline has a reference set, which the style gate would skip silently."""
+        problems = []
+        first_index: dict[tuple, int] = {}
+        for index, image in enumerate(self.images):
+            key = (image.arm, image.prompt, image.seed)
+            first = first_index.setdefault(key, index)
+            if first != index:
+                problems.append(
+                    f"images.{index} (image_id {image.image_id!r}) repeats arm {image.arm!r}, prompt {image.prompt!r}, seed {image.seed} "
+                    f"of images.{first}; keep one of the two"
+                )
+            if self.reference_images_sha256 is not None and image.style_similarity is None:
+                problems.append(
+                    f"images.{index}.style_similarity (image_id {image.image_id!r}): null, but the baseline has reference images "
+                    "(reference_images_sha256), so every image needs a number"
+                )
+        return problems
 
 
 class ClipCheckConfig(StrictModel):
@@ -84,11 +137,11 @@ class ClipCheckConfig(StrictModel):
         return {key: getattr(self, key) for key in RULE_KEYS if getattr(self, key) is not None}
 
 
-def resolve_rules(config: ClipCheckConfig, baseline: dict | None) -> tuple[ClipGateRules, str | None]:
+def resolve_rules(config: ClipCheckConfig, baseline: ClipBaseline | None) -> tuple[ClipGateRules, str | None]:
     """Flags over the baseline's stored rules over the defaults; and a note when an old baseline stores none."""
-    stored = (baseline or {}).get("rules") or {}
+    stored = baseline.rules.model_dump() if baseline is not None and baseline.rules is not None else {}
     note = None
-    if baseline is not None and not stored:
+    if baseline is not None and baseline.rules is None:
         note = f"{config.baseline}: made by an older fangzhi without stored gate rules; using the flags' values and the defaults (re-create it with --update-baseline to store them)"
     return ClipGateRules(**{**stored, **config.explicit_rules()}), note
 
@@ -117,7 +170,7 @@ def clip_check(config: ClipCheckConfig) -> int:
     _check_comparable(baseline, identity, prompts, scores, config.baseline)
     if note:
         print(f"note: {note}")
-    paired = scores.merge(pd.DataFrame(baseline["images"]), on=PAIR_KEY, suffixes=("", "_baseline"))
+    paired = scores.merge(pd.DataFrame([image.model_dump() for image in baseline.images]), on=PAIR_KEY, suffixes=("", "_baseline"))
     metrics = [("clip_score", rules.tolerance, rules.collapse_drop)]
     if identity["reference_images_sha256"] is not None:
         metrics.append(("style_similarity", rules.style_tolerance, rules.style_collapse_drop))
@@ -192,19 +245,33 @@ def compare_metric(paired: pd.DataFrame, metric: str, tolerance: float, alpha: f
     }
 
 
-def read_baseline(path: Path) -> dict:
+def read_baseline(path: Path) -> ClipBaseline:
     if not path.is_file():
         raise FangzhiError(f"baseline not found: {path}; create it from known-good images with --update-baseline")
     try:
-        baseline = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise FangzhiError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(baseline, dict) or baseline.get("format") not in (BASELINE_FORMAT, *OLD_BASELINE_FORMATS):
+    if not isinstance(data, dict) or data.get("format") not in (BASELINE_FORMAT, *OLD_BASELINE_FORMATS):
         raise FangzhiError(f"{path}: not a fangzhi CLIP baseline (expected \"format\": \"{BASELINE_FORMAT}\"); recreate it with --update-baseline")
-    missing = [key for key in ("model", "weights_sha256", "reference_images_sha256", "prompts", "seeds", "images") if key not in baseline]
-    if missing:
-        raise FangzhiError(f"{path}: baseline lacks key(s) {', '.join(missing)}; recreate it with --update-baseline")
+    try:
+        baseline = ClipBaseline.model_validate(data)
+    except ValidationError as exc:
+        raise FangzhiError("\n".join([format_validation_error(exc, str(path), "CLIP baseline"), *_image_ids(exc, data), RECREATE_HINT])) from None
+    problems = baseline.entry_problems()
+    if problems:
+        raise FangzhiError("\n  ".join([f"{path}: invalid CLIP baseline", *problems]) + "\n" + RECREATE_HINT)
     return baseline
+
+
+def _image_ids(exc: ValidationError, data: dict) -> list[str]:
+    """The image_id of each entry an error points into: in a file of hundreds of entries an index is hard to find."""
+    images = data.get("images")
+    indices = sorted({err["loc"][1] for err in exc.errors() if len(err["loc"]) > 1 and err["loc"][0] == "images"})
+    return [
+        f"  images.{index} is image_id {images[index]['image_id']!r}"
+        for index in indices if isinstance(images[index], dict) and isinstance(images[index].get("image_id"), str)
+    ]
 
 
 def write_baseline(config: ClipCheckConfig, rules: ClipGateRules, identity: dict, prompts: dict[str, str], manifest: pd.DataFrame, scores: pd.DataFrame) -> None:
@@ -248,18 +315,18 @@ def _check_enough_pairs(manifest: pd.DataFrame, alpha: float, manifest_path: Pat
         )
 
 
-def _check_comparable(baseline: dict, identity: dict, prompts: dict[str, str], scores: pd.DataFrame, baseline_path: Path) -> None:
+def _check_comparable(baseline: ClipBaseline, identity: dict, prompts: dict[str, str], scores: pd.DataFrame, baseline_path: Path) -> None:
     differences = []
     for key, what in (("model", "CLIP model"), ("weights_sha256", "CLIP weights (sha256)"), ("reference_images_sha256", "reference images (sha256 of the set)")):
-        if baseline[key] != identity[key]:
-            differences.append(f"{what}: baseline {baseline[key]}, now {identity[key]}")
-    if baseline["prompts"] != prompts:
-        changed = sorted(set(baseline["prompts"].items()) ^ set(prompts.items()))
+        if getattr(baseline, key) != identity[key]:
+            differences.append(f"{what}: baseline {getattr(baseline, key)}, now {identity[key]}")
+    if baseline.prompts != prompts:
+        changed = sorted(set(baseline.prompts.items()) ^ set(prompts.items()))
         differences.append(f"prompts differ (first: {changed[0][0]!r}: {changed[0][1]!r})")
     seeds = sorted(int(seed) for seed in set(scores["seed"]))
-    if baseline["seeds"] != seeds:
-        differences.append(f"seeds: baseline {baseline['seeds']}, now {seeds}")
-    baseline_keys = {(image["arm"], image["prompt"], int(image["seed"])) for image in baseline["images"]}
+    if baseline.seeds != seeds:
+        differences.append(f"seeds: baseline {baseline.seeds}, now {seeds}")
+    baseline_keys = {(image.arm, image.prompt, image.seed) for image in baseline.images}
     current_keys = set(zip(scores["arm"], scores["prompt"], scores["seed"].astype(int)))
     if not differences and baseline_keys != current_keys:
         differences.append(f"(arm, prompt, seed) sets differ: {len(baseline_keys - current_keys)} only in the baseline, {len(current_keys - baseline_keys)} only now")
