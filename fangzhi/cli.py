@@ -362,17 +362,15 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_study_create(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from fangzhi.rating_app.study import create_study, links_file
 
-    from fangzhi.rating_app.study import create_study, write_links
-
+    links_path = links_file(args.db, args.links_out)
     links = create_study(
         args.manifest, args.db, args.raters, reference_images=args.reference_images, lang=args.lang,
         qc_retest=args.qc_retest, qc_attention=args.qc_attention, seed=args.seed, base_url=args.base_url, mode=args.mode,
+        links_out=links_path,
     )
-    links_file = Path(args.links_out) if args.links_out else Path(args.db).with_suffix(".links.csv")
-    write_links(links, links_file)
-    print(f"created {args.db} with {len(links)} raters; invitation links (only shown now; also saved to {links_file}):")
+    print(f"created {args.db} with {len(links)} raters; invitation links (only shown now; also saved to {links_path}):")
     for name, _token, link in links:
         print(f"  {name}\t{link}")
     return 0
@@ -523,7 +521,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--simulate-ratings", action="store_true", help="fill the study with SIMULATED ratings so the analysis can be seen (labelled simulated everywhere)")
     p.add_argument("--mode", choices=["absolute", "pairwise"], default="absolute",
                    help="with --simulate-ratings: absolute (1–5 scores, default) or pairwise (side-by-side votes, Bradley–Terry)")
-    p.add_argument("--fresh", action="store_true", help="delete the output folder and start over")
+    p.add_argument("--fresh", action="store_true", help="run every stage again (an earlier rating study and its links are kept aside, never deleted)")
     p.set_defaults(func=_cmd_demo)
 
 

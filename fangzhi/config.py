@@ -27,14 +27,27 @@ class StrictModel(BaseModel):
 
 
 def read_utf8_text(path: str | Path, what: str) -> str:
-    """The text of a user's file; a missing or non-UTF-8 file is a FangzhiError naming it (`what`: 'prompt set', ...)."""
+    """The text of a user's file (a UTF-8 BOM dropped); a missing or non-UTF-8 file is a FangzhiError naming it
+    (`what`: 'prompt set', ...) and the line of the first byte that is not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise FangzhiError(f"{what} not found: {path}")
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise FangzhiError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        raise FangzhiError(not_utf8_message(path, data, exc)) from None
+
+
+def not_utf8_message(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, exc.start) + 1
+    try:
+        data.decode("gb18030")
+        # What Excel and Notepad on Chinese Windows write by default.
+        guess = " It looks like GBK/GB18030: re-save it as UTF-8 (in Excel: CSV UTF-8)."
+    except UnicodeDecodeError:
+        guess = " Re-save it as UTF-8."
+    return f"{path}, line {line}: not UTF-8 text (byte {exc.start}).{guess}"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -63,8 +76,8 @@ def _set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
     target[leaf] = value
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+def format_validation_error(exc: ValidationError, source: str, what: str = "configuration") -> str:
+    lines = [f"{source}: invalid {what}"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":

@@ -24,6 +24,8 @@ from fangzhi.generate.config import GenerateConfig
 from fangzhi.train.config import TrainConfig
 
 TINY_BASE = "results/demo/base"
+# What --fresh leaves in place: rating studies and their invitation links (the study stage keeps an earlier one aside).
+KEPT_BY_FRESH = ("study*.duckdb*", "rater_links*.csv")
 DEMO_RATERS = ["rater-1", "rater-2", "rater-3", "rater-4"]
 
 
@@ -61,7 +63,11 @@ class StudySettings(StrictModel):
 
 class DemoConfig(StrictModel):
     out: str = Field(default="results/demo", description="every artifact of the run goes here")
-    base: str = Field(default=TINY_BASE, description="base model for training and generation (Hub id, folder or checkpoint)")
+    base: str = Field(
+        default=TINY_BASE,
+        description="base model for training and generation (Hub id, folder or checkpoint); not given, with build_tiny_base and "
+        "another `out`: OUT/base, so that the run's folder holds everything it made",
+    )
     base_config: str | None = Field(default=None, description="for a single-file base: the diffusers folder or Hub id whose configs describe it")
     build_tiny_base: bool = Field(default=True, description="write the tiny offline base to `base` first (the offline demo)")
     require_gpu: bool = Field(default=False, description="stop before any work when no CUDA GPU is present (full-size runs)")
@@ -72,6 +78,8 @@ class DemoConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_base_for_every_stage(self) -> "DemoConfig":
+        if self.build_tiny_base and "base" not in self.model_fields_set:
+            self.base = str(Path(self.out) / "base")
         self.train.base, self.train.base_config = self.base, self.base_config
         self.generate.base, self.generate.base_config = self.base, self.base_config
         return self
@@ -136,7 +144,9 @@ def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = Fals
     check_prerequisites(cfg)
     out = Path(cfg.out)
     if fresh and out.exists():
-        shutil.rmtree(out)
+        for made in out.iterdir():
+            if not any(made.match(pattern) for pattern in KEPT_BY_FRESH):
+                shutil.rmtree(made) if made.is_dir() else made.unlink()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stages = _Stages(out, total=7 if simulate_ratings else 6)
@@ -174,13 +184,17 @@ def run_demo(cfg: DemoConfig, simulate_ratings: bool = False, fresh: bool = Fals
         run_clip_score(ClipScoreConfig(manifest=manifest, out=out / "clip", reference_images=cfg.clip.reference_images, model=model, pretrained=pretrained))
 
     def create_rating_study() -> None:
-        from fangzhi.rating_app.study import create_study, write_links
+        from fangzhi.rating_app.study import create_study
 
-        if study_db.exists():  # ratings already given are kept aside, never deleted
-            study_db.rename(study_db.with_name(f"study-{time.strftime('%Y%m%d-%H%M%S')}.duckdb"))
-        links = create_study(manifest, study_db, cfg.study.raters, cfg.study.reference_images, cfg.study.lang,
-                             cfg.study.qc_retest, cfg.study.qc_attention)
-        write_links(links, out / "rater_links.csv")
+        links = out / "rater_links.csv"
+        # A study from an earlier run is kept aside, never deleted: its ratings, and its links (which it cannot give again).
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if study_db.exists():
+            study_db.rename(study_db.with_name(f"study-{stamp}.duckdb"))
+        if links.exists():
+            links.rename(links.with_name(f"rater_links-{stamp}.csv"))
+        create_study(manifest, study_db, cfg.study.raters, cfg.study.reference_images, cfg.study.lang,
+                     cfg.study.qc_retest, cfg.study.qc_attention, links_out=links)
 
     def simulate_and_analyze() -> None:
         from fangzhi.evaluate.analyze import AnalyzeConfig, analyze

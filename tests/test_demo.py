@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def small_config(tmp_path: Path) -> Path:
     config = {
-        "out": str(tmp_path / "demo"),
-        "base": str(tmp_path / "demo" / "base"),
+        "out": str(tmp_path / "demo"),  # no `base`: the tiny base goes to OUT/base
         "train": {"data": {"resolution": 64, "repeats": 1}, "lora": {"rank": 4, "alpha": 4}, "max_steps": 6, "learning_rate": 1e-3},
         "generate": {"limit_prompts": 3, "seeds": [0, 1], "steps": 3, "width": 64, "height": 64},
         "study": {"raters": ["ana", "bo"], "qc_retest": 1, "qc_attention": 1},
@@ -40,7 +39,7 @@ def test_demo_artifacts_are_complete_and_consistent(tmp_path: Path, capsys):
     out = tmp_path / "demo"
     assert f"fangzhi rate --db {out / 'study.duckdb'}" in printed and "fangzhi analyze --db" in printed
 
-    for artifact in ("lora/pytorch_lora_weights.safetensors", "lora/loss.png", "clip/clip_scores.csv", "clip/clip_table.md",
+    for artifact in ("base/model_index.json", "lora/pytorch_lora_weights.safetensors", "lora/loss.png", "clip/clip_scores.csv", "clip/clip_table.md",
                      "rater_links.csv", "report.md", "analysis/report.html", "analysis/table2.md"):
         assert (out / artifact).is_file(), artifact
 
@@ -79,9 +78,14 @@ def test_rerun_reuses_finished_stages_and_fresh_starts_over(tmp_path: Path, caps
     assert rerun.count("reused") == 6, rerun
     lora = tmp_path / "demo" / "lora" / "pytorch_lora_weights.safetensors"
     before = lora.stat().st_mtime_ns
+    first_links = (tmp_path / "demo" / "rater_links.csv").read_bytes()
     assert main(["demo", "--config", str(config), "--fresh"]) == 0
     assert "reused" not in capsys.readouterr().out
     assert lora.stat().st_mtime_ns != before
+    # The first study is kept aside with its links (its database cannot give them again).
+    [kept_links] = (tmp_path / "demo").glob("rater_links-*.csv")
+    assert kept_links.read_bytes() == first_links != (tmp_path / "demo" / "rater_links.csv").read_bytes()
+    assert len(list((tmp_path / "demo").glob("study-*.duckdb"))) == 1
 
 
 def test_without_the_flag_no_rating_is_invented(tmp_path: Path):

@@ -200,6 +200,31 @@ def test_cli_create_and_export(tmp_path, manifest):
     assert cli_main(["rate", "--db", str(tmp_path / "missing.duckdb")]) == 2
 
 
+def test_cli_create_never_writes_over_links_and_reads_raters_files_as_windows_saves_them(tmp_path, manifest, capsys):
+    create = lambda db, raters, *extra: cli_main(["study", "create", "--manifest", str(manifest), "--db", str(db), "--raters", str(raters), *extra])
+    names = tmp_path / "names.txt"
+    names.write_bytes("\ufeff艺术家甲\r\nartist b\r\n".encode("utf-8"))  # Notepad's UTF-8: a BOM and CRLF
+    other_study_links = tmp_path / "other.links.csv"
+    other_study_links.write_text("rater,token,link\nx,secret,http://localhost:8501/?token=secret\n")
+    before = other_study_links.read_bytes()
+    assert create(tmp_path / "a.duckdb", names, "--links-out", str(other_study_links)) == 2
+    assert "other.links.csv: already exists" in capsys.readouterr().err
+    assert other_study_links.read_bytes() == before and not (tmp_path / "a.duckdb").exists()
+
+    assert create(tmp_path / "a.duckdb", names) == 0
+    links_file = tmp_path / "a.links.csv"
+    assert links_file.stat().st_mode & 0o777 == 0o600
+    tokens = pd.read_csv(links_file)["token"]
+    assert [store.rater_for_token(tmp_path / "a.duckdb", token).name for token in tokens] == ["艺术家甲", "artist b"]
+
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("张三\n李四\n".encode("gbk"))  # Notepad's default on Chinese Windows
+    assert create(tmp_path / "b.duckdb", gbk) == 2
+    error = capsys.readouterr().err
+    assert "gbk.txt, line 1: not UTF-8" in error and "GBK" in error and "Traceback" not in error
+    assert not (tmp_path / "b.duckdb").exists()
+
+
 def test_add_rater_later_and_revoke(db_and_links, manifest):
     db, _ = db_and_links
     name, token, link = study.add_rater(db, "carol")

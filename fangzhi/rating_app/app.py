@@ -30,7 +30,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import streamlit as st
 from streamlit.web.server.starlette.starlette_server_config import XSRF_COOKIE_NAME
@@ -707,7 +706,7 @@ def admin_page(con, db: str, settings: store.StudySettings) -> None:
 
     st.subheader("Raters")
     base_url = os.environ.get(BASE_URL_ENV) or study.DEFAULT_BASE_URL
-    links_file = Path(os.environ.get(LINKS_ENV) or Path(db).with_suffix(".links.csv"))
+    links_file = study.links_file(db, os.environ.get(LINKS_ENV))
     with st.form("add-rater", clear_on_submit=True):
         name = st.text_input("New rater's name")
         if st.form_submit_button("Add rater") and name.strip():

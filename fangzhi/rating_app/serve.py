@@ -21,6 +21,7 @@ from pydantic import Field
 
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
+from fangzhi.rating_app import study
 
 # The app (app.py) with the route that serves its images to one session each.
 APP_SCRIPT = Path(__file__).with_name("asgi.py")
@@ -52,7 +53,7 @@ class RateConfig(StrictModel):
 
     @property
     def links_file(self) -> Path:
-        return self.links_out or self.db.with_suffix(".links.csv")
+        return study.links_file(self.db, self.links_out)
 
 
 def streamlit_command(host: str = "127.0.0.1", port: int = 8501, url_path: str = "") -> list[str]:

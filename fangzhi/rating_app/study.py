@@ -9,6 +9,7 @@ back; a few images come again later for test–retest, and a few attention-check
 from __future__ import annotations
 
 import csv
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import duckdb
 import numpy as np
 
 from fangzhi import studydb
+from fangzhi.config import read_utf8_text
 from fangzhi.errors import FangzhiError
 from fangzhi.generate.manifest import read_manifest as read_generation_manifest
 from fangzhi.rating_app import store
@@ -101,9 +103,8 @@ def _check_texts_agree_across_arms(manifest: Path, images) -> None:
 def read_rater_names(raters: str | Path | list[str]) -> list[str]:
     if isinstance(raters, (str, Path)):
         path = Path(raters)
-        if not path.is_file():
-            raise FangzhiError(f"{path}: rater names file not found (one name per line)")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_utf8_text(path, "rater names file (one name per line)")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         source = str(path)
     else:
         names = [name.strip() for name in raters]
@@ -212,8 +213,10 @@ def create_study(
     seed: int = 0,
     base_url: str = DEFAULT_BASE_URL,
     mode: str = "absolute",
+    links_out: str | Path | None = None,
 ) -> list[tuple[str, str, str]]:
-    """Create the study database `db`; returns (rater name, token, invitation link) per rater.
+    """Create the study database `db`; returns (rater name, token, invitation link) per rater, also written to
+    `links_out` when given (a new file: an existing one may be another study's only copy of its links).
 
     `mode` 'absolute': each image scored 1–5; 'pairwise': side-by-side comparisons (`pairwise_design`).
 
@@ -222,6 +225,11 @@ def create_study(
     db = Path(db)
     if db.exists():
         raise FangzhiError(f"{db}: already exists; choose a new file (an existing study and its ratings are never overwritten)")
+    if links_out is not None and Path(links_out).exists():
+        raise FangzhiError(
+            f"{links_out}: already exists (another study's invitation links, which its database cannot give again); "
+            "move it away or choose another --links-out"
+        )
     if lang not in LANGUAGES:
         raise FangzhiError(f"--lang {lang!r}: choose one of {', '.join(LANGUAGES)}")
     if mode not in MODES:
@@ -258,9 +266,16 @@ def create_study(
         tmp.unlink(missing_ok=True)
         raise
     con.close()
+    links = [(name, token, invitation_link(base_url, token)) for name, token in zip(names, tokens)]
+    if links_out is not None:
+        try:
+            write_links(links, links_out)
+        except BaseException:  # a study without its links could never be rated
+            tmp.unlink(missing_ok=True)
+            raise
     # The study appears under its real name only when complete.
     tmp.rename(db)
-    return [(name, token, invitation_link(base_url, token)) for name, token in zip(names, tokens)]
+    return links
 
 
 def add_rater(db: store.Database, name: str, base_url: str = DEFAULT_BASE_URL) -> tuple[str, str, str]:
@@ -295,15 +310,24 @@ def _reference_paths(reference_images: str | Path | None) -> list[Path]:
     return paths
 
 
+def links_file(db: str | Path, links_out: str | Path | None = None) -> Path:
+    """Where a study's invitation links are kept: `links_out`, else beside the database as DB.links.csv."""
+    return Path(links_out) if links_out else Path(db).with_suffix(".links.csv")
+
+
 def write_links(links: list[tuple[str, str, str]], out: str | Path) -> None:
-    """The admin's copy of the invitation links (the database only keeps token hashes)."""
+    """The admin's copy of the invitation links (the database only keeps token hashes): a new file, readable by its owner
+    alone from the start, never one written over."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as handle:
+    try:
+        descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise FangzhiError(f"{out}: already exists; invitation links are never written over") from None
+    with open(descriptor, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rater", "token", "link"])
         writer.writerows(links)
-    out.chmod(0o600)
 
 
 def append_links(links: list[tuple[str, str, str]], out: str | Path) -> None:
