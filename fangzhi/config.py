@@ -32,14 +32,18 @@ def read_utf8_text(path: str | Path, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise FangzhiError(f"{what} not found: {path}")
-    data = path.read_bytes()
+    return decode_utf8(path, path.read_bytes())
+
+
+def decode_utf8(path: Path, data: bytes) -> str:
+    """`data`, the bytes of `path`, as text (a UTF-8 BOM dropped); else a FangzhiError naming the line to fix."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise FangzhiError(not_utf8_message(path, data, exc)) from None
+        raise FangzhiError(_not_utf8_message(path, data, exc)) from None
 
 
-def not_utf8_message(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+def _not_utf8_message(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
     line = data.count(b"\n", 0, exc.start) + 1
     try:
         data.decode("gb18030")

@@ -127,7 +127,7 @@ def test_bad_rows_are_reported_with_file_line_numbers(tmp_path):
     assert "line 4: match is '6'" in message
     assert "line 5: detail is 'good'" in message
     assert "line 6: missing rater" in message
-    assert "line 7: duplicate" in message and "first at line 2" in message
+    assert "line 7: duplicate" in message and "(copies at line 2, line 7)" in message
     assert "line 8: detail is '2.5'" in message
     assert str(path) in message and "--drop-bad-rows" in message
 
@@ -372,6 +372,43 @@ def test_cli_prints_table_and_reports_bad_file(tmp_path, small_csv, capsys):
     assert cli_main(["analyze", "--ratings", str(bad), "--out", str(tmp_path / "never")]) == 2
     assert "line 2: beauty is '0'" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_output_folders_and_files_as_spreadsheets_save_them(tmp_path, small_csv, capsys):
+    run = lambda ratings, out: cli_main(["analyze", "--ratings", str(ratings), "--out", str(out), "--bootstrap", "200", "--no-mixed-model"])
+    # A three-arm run's friedman.csv does not outlive a two-arm rerun into the same folder; the user's own files stay.
+    three = write_csv(tmp_path / "three.csv", SMALL_ROWS + [row.replace(",lora,", ",lora2,") for row in SMALL_ROWS if ",lora," in row])
+    out = tmp_path / "out"
+    assert run(three, out) == 0 and (out / "friedman.csv").is_file()
+    (out / "notes.txt").write_text("mine")
+    assert run(small_csv, out) == 0
+    assert not (out / "friedman.csv").exists() and (out / "notes.txt").read_text() == "mine" and (out / "table2.md").is_file()
+    capsys.readouterr()
+
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep")
+    assert run(small_csv, existing) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and existing.read_text() == "keep"
+
+    gbk = tmp_path / "gbk.csv"  # Excel's CSV on Chinese Windows
+    gbk.write_bytes(small_csv.read_text().replace("\nA,", "\n张三,").encode("gbk"))
+    assert run(gbk, tmp_path / "g") == 2
+    error = capsys.readouterr().err
+    assert "gbk.csv, line 2: not UTF-8" in error and "GBK" in error
+
+    semicolons = tmp_path / "semicolons.csv"  # Excel's CSV where the decimal mark is a comma
+    semicolons.write_text(small_csv.read_text().replace(",", ";"))
+    assert run(semicolons, tmp_path / "s") == 2
+    assert "separated by ';'" in capsys.readouterr().err
+
+    assert cli_main(["analyze", "--db", str(small_csv), "--out", str(tmp_path / "d")]) == 2
+    error = capsys.readouterr().err
+    assert "not a rating study" in error and "goes to --ratings" in error
+
+    one_prompt = write_csv(tmp_path / "one.csv", [row for row in SMALL_ROWS if ",p1," in row])
+    assert run(one_prompt, tmp_path / "one") == 0
+    assert "Only 1 prompt(s)" in capsys.readouterr().err
+    assert "Only 1 prompt(s)" in (tmp_path / "one" / "report.html").read_text(encoding="utf-8")
 
 
 def rated_study_db(tmp_path):

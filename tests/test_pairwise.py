@@ -301,7 +301,7 @@ def test_bad_votes_are_reported_with_line_numbers(tmp_path):
     message = str(error.value)
     assert f"{path}: 9 bad row(s)" in message
     for expected in [
-        "line 2: duplicate vote: rater r1, prompt p1, seed 0, style, left base, right lora (first at line 2)",
+        "line 2: duplicate vote: rater r1, prompt p1, seed 0, style, left base, right lora (copies at line 2, line 10)",
         "line 3: dimension is 'colour'; must be one of style, match, detail, beauty",
         "line 4: choice is 'L'; must be one of left, right, tie",
         "line 5: left and right are both arm 'base'",
@@ -309,7 +309,7 @@ def test_bad_votes_are_reported_with_line_numbers(tmp_path):
         "line 7: seed is '18446744073709551616'; does not fit in 64 bits",
         "line 8: missing rater",
         "line 9: empty line",
-        "line 10: duplicate vote: rater r1, prompt p1, seed 0, style, left base, right lora (first at line 2)",
+        "line 10: duplicate vote: rater r1, prompt p1, seed 0, style, left base, right lora (copies at line 2, line 10)",
     ]:
         assert expected in message, message
     assert "line 11" not in message
@@ -341,7 +341,7 @@ def test_seeds_are_exact_64_bit_integers_and_kind_duplicates_ignore_sides(tmp_pa
         read_pairwise_file(kinded)
     message = str(error.value)
     assert "line 2: kind is 'checking'; must be one of main, retest, attention" in message
-    assert "line 3: duplicate vote: rater r1, prompt p1, seed 0, style, arms base and lora (first at line 3)" in message
+    assert "line 3: duplicate vote: rater r1, prompt p1, seed 0, style, arms base and lora (copies at line 3, line 4)" in message
     assert "line 4: duplicate vote" in message and "line 5" not in message
     assert "line 6: kind is empty; must be one of main, retest, attention" in message
 

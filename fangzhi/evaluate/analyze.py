@@ -23,6 +23,13 @@ from fangzhi.evaluate.pairwise_votes import PAIRWISE_COLUMNS, file_columns, is_p
 from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
 from fangzhi.studydb import StudyRead, attention_failures, pairwise_attention_failures, raters_failing_attention, read_study
 
+# Every file the score analysis writes (report.output_folder clears an earlier run's before writing).
+SCORE_FILES = (
+    "table2.md", "table2.tex", "table2.csv", "comparisons.csv", "friedman.csv", "reliability.csv", "mixed_model.csv",
+    "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png",
+    "results.json", "report.html",
+)
+
 CLIP_COLUMNS = ("clip_score", "style_similarity")
 
 
@@ -248,8 +255,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
 
     # --- everything computed; now write ---
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = report.output_folder(Path(config.out), SCORE_FILES)
     markdown = table.to_markdown(paper, title, note)
     (out / "table2.md").write_text(markdown, encoding="utf-8")
     (out / "table2.tex").write_text(table.to_latex(paper, title, note), encoding="utf-8")
@@ -296,6 +302,15 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
         f"QC: {counts['n_attention_failures']} attention-check failures out of {counts['n_attention_items']} items; {counts['n_retest_ratings']} retest ratings; {counts['n_bad_rows_dropped']} bad rows dropped.",
         *removal_facts(config, removed),
     ]
+    fewest = power_mod.smallest_detectable_prompts(0.05)
+    if counts["n_prompts"] < fewest:
+        few = (
+            f"Only {counts['n_prompts']} prompt(s): the primary tests (unit: prompts) cannot reach p < 0.05 with fewer than {fewest}"
+            + ("; with one prompt they have no confidence interval or t-test" if counts["n_prompts"] == 1 else "")
+            + ". `fangzhi analyze power` says how many prompts and raters a study needs."
+        )
+        warnings.warn(few)
+        facts.append(few)
     flagged = reliability_rows.loc[reliability_rows["alpha_flag"]]
     if not flagged.empty:
         where = ", ".join(f"{row.dimension} ({row.scope})" for row in flagged.itertuples())

@@ -46,6 +46,8 @@ from fangzhi.evaluate.reliability import krippendorff_alpha
 from fangzhi.evaluate.stats import holm, signed_rank_test
 from fangzhi.evaluate.table import to_latex, to_markdown
 
+PAIRWISE_FILES = ("pairwise_*",)  # every file the preference analysis writes (report.output_folder)
+
 DEFAULT_REFERENCE_ARM = "base"
 CI_LEVEL = 0.95
 ELO_ANCHOR = 1000.0
@@ -543,7 +545,7 @@ def analyze_pairwise(
 
 def write_pairwise(result: PairwiseResult, out: Path) -> None:
     """pairwise_table.csv/.md/.tex, pairwise_pairs.csv, pairwise_agreement.csv, the plot, JSON and an HTML report."""
-    out.mkdir(parents=True, exist_ok=True)
+    report.output_folder(out, PAIRWISE_FILES)
     display = display_table(result.strengths, result.arms)
     c = result.counts
     note = f"{ELO_NOTE} {c['bootstrap_resamples']} resamples; n = {c['n_main_votes']} votes, {c['n_units']} prompt × seed units, {c['n_raters']} raters."

@@ -18,7 +18,7 @@ import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate.ratings import BadRows, RowProblems, parse_seeds, read_table, row_labels, value_problems
+from fangzhi.evaluate.ratings import BadRows, RowProblems, copy_places, parse_seeds, read_csv_utf8, read_table, row_labels, value_problems
 
 PAIRWISE_COLUMNS: tuple[str, ...] = ("rater", "prompt", "seed", "dimension", "left", "right", "choice")
 TEXT_COLUMNS: tuple[str, ...] = ("rater", "prompt", "left", "right")
@@ -47,9 +47,11 @@ def file_columns(path: str | Path) -> list[str]:
             import pyarrow.parquet as pq
 
             return list(pq.read_schema(path).names)
-        return [str(c) for c in pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns]
+        return [str(c) for c in read_csv_utf8(path, nrows=0).columns]
     except pd.errors.EmptyDataError:
         return []
+    except FangzhiError:
+        raise
     except Exception as exc:  # pyarrow and the CSV parser raise several unrelated types for a corrupt file
         raise FangzhiError(f"{path}: cannot read the header: {exc}") from None
 
@@ -141,7 +143,7 @@ def _categorical(codes: np.ndarray, names: np.ndarray, rows: np.ndarray, categor
 
 
 def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, positions: list[str] | None, flag) -> None:
-    """Flag every copy of a vote given twice (among rows otherwise valid), naming the first copy."""
+    """Flag every copy of a vote given twice (among rows otherwise valid), naming where its copies are."""
     arm_a, arm_b = coded["left"][0], coded["right"][0]
     by_kind = "kind" in coded
     columns = {"rater": coded["rater"][0], "prompt": coded["prompt"][0], "seed": seeds, "dimension": coded["dimension"][0]}
@@ -157,8 +159,7 @@ def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, pos
     if not repeated.any():
         return
     rows, group = rows[repeated], group[repeated]
-    first_of_group = dict(zip(*np.unique(group, return_index=True)))
-    first = np.array(row_labels(positions, rows), dtype=object)[[first_of_group[g] for g in group]]
+    where = copy_places(row_labels(positions, rows), group)
     copies = {name: values[rows] for name, values in columns.items()}
     duplicated = np.zeros(len(seeds), dtype=bool)
     duplicated[rows] = True
@@ -166,8 +167,8 @@ def _flag_duplicates(coded: dict, seeds: np.ndarray, candidates: np.ndarray, pos
     arms = "arms {} and {}" if by_kind else "left {}, right {}"
     texts = [
         f"duplicate vote: rater {coded['rater'][1][r]}, prompt {coded['prompt'][1][p]}, seed {seed}, {coded['dimension'][1][d]}, "
-        f"{arms.format(arm_names[a], arm_names[b])} (first at {where}); all copies are bad"
-        for r, p, seed, d, a, b, where in zip(copies["rater"], copies["prompt"], copies["seed"], copies["dimension"], copies["arm_a"], copies["arm_b"], first)
+        f"{arms.format(arm_names[a], arm_names[b])} (copies at {w}); all copies are bad"
+        for r, p, seed, d, a, b, w in zip(copies["rater"], copies["prompt"], copies["seed"], copies["dimension"], copies["arm_a"], copies["arm_b"], where)
     ]
     flag(duplicated, lambda rows: texts)
 

@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from fangzhi.config import decode_utf8
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
 from fangzhi.errors import FangzhiError
 
@@ -63,7 +64,11 @@ class RowProblems:
         """Start checking a table: refuse one that lacks a required column, and flag its empty lines."""
         missing = [c for c in required if c not in raw.columns]
         if missing:
-            raise FangzhiError(f"{source}: missing column(s) {', '.join(missing)}; {header} must contain {','.join(required)} ({format_section})")
+            separator = next((s for s in (";", "\t") if len(raw.columns) == 1 and s in str(raw.columns[0])), None)
+            hint = f"; its columns look separated by {separator!r}: save it with commas (CSV UTF-8)" if separator else ""
+            raise FangzhiError(
+                f"{source}: missing column(s) {', '.join(missing)}; {header} must contain {','.join(required)} ({format_section}){hint}"
+            )
         problems = cls(len(raw))
         problems.flag(raw[list(required)].isna().all(axis=1).to_numpy(), "empty line")
         return problems
@@ -105,13 +110,22 @@ def read_table(path: Path, what: str, header: Sequence[str], dtype: Mapping[str,
         return raw, [f"row {i}" for i in range(1, len(raw) + 1)]
     if path.suffix.lower() in (".csv", ".txt"):
         try:
-            raw = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding="utf-8-sig")
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raw = read_csv_utf8(path, dtype=dtype, keep_default_na=False, na_values=[""], skip_blank_lines=False)
+        except pd.errors.ParserError as exc:
             raise FangzhiError(f"{path}: not a readable CSV file: {exc}") from None
         except pd.errors.EmptyDataError:
             raise FangzhiError(f"{path}: the file is empty; expected a header line {','.join(header)}") from None
         return raw, None
     raise FangzhiError(f"{path}: {what}s must end in .csv or .parquet")
+
+
+def read_csv_utf8(path: Path, **options) -> pd.DataFrame:
+    """`pd.read_csv` of a user's UTF-8 CSV (a BOM allowed); a file in another encoding is a FangzhiError naming its line."""
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", **options)
+    except UnicodeDecodeError:
+        decode_utf8(path, path.read_bytes())  # pandas counts the byte within its read buffer; this names the line
+        raise
 
 
 def read_ratings_file(path: str | Path, drop_bad_rows: bool = False, arm_alias: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, BadRows]:
@@ -125,7 +139,7 @@ def read_ratings_file(path: str | Path, drop_bad_rows: bool = False, arm_alias: 
     if positions is None and "seed" in raw.columns and not pd.api.types.is_integer_dtype(raw["seed"]):
         # pandas reads a seed column with a blank or a huge value as float64, which rounds
         # seeds above 2^53; read it again as text so every seed is parsed exactly (or refused).
-        raw["seed"] = pd.read_csv(path, usecols=["seed"], dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding="utf-8-sig")["seed"]
+        raw["seed"] = read_csv_utf8(path, usecols=["seed"], dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False)["seed"]
     return validate_ratings(raw, source=str(path), positions=positions, drop_bad_rows=drop_bad_rows, arm_alias=arm_alias)
 
 
@@ -190,11 +204,11 @@ def validate_ratings(
     duplicated = np.zeros(n, dtype=bool)
     duplicated[candidates] = clean.loc[candidates, key].duplicated(keep=False).to_numpy()
     if duplicated.any():
-        copies = clean.loc[duplicated, key].assign(label=row_labels(positions, np.flatnonzero(duplicated)))
-        first = copies.groupby(key, sort=False)["label"].transform("first")
+        copies = clean.loc[duplicated, key]
+        where = copy_places(row_labels(positions, np.flatnonzero(duplicated)), copies.groupby(key, sort=False).ngroup().to_numpy())
         texts = [
-            f"duplicate rating of rater {r} × image ({a}, {p}, seed {s}) (first at {f}); all copies are bad"
-            for r, a, p, s, f in zip(*(copies[c] for c in key), first)
+            f"duplicate rating of rater {r} × image ({a}, {p}, seed {s}) (copies at {w}); all copies are bad"
+            for r, a, p, s, w in zip(*(copies[c] for c in key), where)
         ]
         flag(duplicated, lambda rows: texts)
 
@@ -294,6 +308,15 @@ def row_labels(positions: list[str] | None, index: np.ndarray) -> list[str]:
     if positions is None:
         return [f"line {i + 2}" for i in index]
     return [positions[i] for i in index]
+
+
+def copy_places(labels: list[str], group: np.ndarray, shown: int = 3) -> list[str]:
+    """For each copy of a repeated row (`group`: which row it repeats), where its copies are: 'line 2, line 10'."""
+    places: dict[int, list[str]] = {}
+    for label, copy_of in zip(labels, group):
+        places.setdefault(copy_of, []).append(label)
+    text = {g: ", ".join(found[:shown]) + (f" and {len(found) - shown} more" if len(found) > shown else "") for g, found in places.items()}
+    return [text[copy_of] for copy_of in group]
 
 
 def value_problems(column: str, values: pd.Series, rule: str) -> Callable[[np.ndarray], list[str]]:

@@ -28,10 +28,21 @@ def snapshot_path(db_path: str | Path) -> Path:
     return db_path.with_name(db_path.name + ".snapshot.parquet")
 
 
+# DuckDB's file format: an 8-byte checksum, then this magic.
+DUCKDB_MAGIC = (8, b"DUCK")
+
+
 def require_study_file(db_path: str | Path) -> Path:
     db_path = Path(db_path)
     if not db_path.is_file():
         raise FangzhiError(f"{db_path}: no rating study here (create one with `fangzhi study create`)")
+    offset, magic = DUCKDB_MAGIC
+    with db_path.open("rb") as handle:
+        handle.seek(offset)
+        if handle.read(len(magic)) != magic:
+            raise FangzhiError(
+                f"{db_path}: not a rating study (a DuckDB file from `fangzhi study create`); a ratings CSV or Parquet file goes to --ratings"
+            )
     return db_path
 
 
