@@ -277,8 +277,13 @@ def test_flips_and_crops_are_deterministic_per_seed_epoch_index(tmp_path: Path):
 def test_load_training_entries_refuses_errors_or_skips_them(tmp_path: Path, capsys):
     captioned(tmp_path, "big.png", Image.fromarray(noise_rgb((80, 80), 1)))
     captioned(tmp_path, "tiny.png", Image.fromarray(noise_rgb((32, 32), 2)))
-    with pytest.raises(FangzhiError, match=r"1 errors[\s\S]*tiny\.png: error: 32x32"):
+    with pytest.raises(FangzhiError, match=r"1 error\(s\); fix them, or set data\.skip_bad_files to train on the 1 good images:[\s\S]*tiny\.png: error: 32x32"):
         load_training_entries(DataConfig(path=str(tmp_path), resolution=64))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FangzhiError) as nothing_usable:  # where no image is good, skipping bad ones is no advice
+        load_training_entries(DataConfig(path=str(empty), resolution=64))
+    assert "no images here" in str(nothing_usable.value) and "skip_bad_files" not in str(nothing_usable.value)
     entries = load_training_entries(DataConfig(path=str(tmp_path), resolution=64, skip_bad_files=True))
     assert [e.path.name for e in entries] == ["big.png"]
     assert "tiny.png" in capsys.readouterr().out

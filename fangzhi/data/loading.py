@@ -43,10 +43,9 @@ def load_training_entries(cfg: DataConfig) -> list[Entry]:
         listed = [f"  {problem}" for problem in errors[:_MAX_LISTED_ERRORS]]
         if len(errors) > _MAX_LISTED_ERRORS:
             listed.append(f"  ... and {len(errors) - _MAX_LISTED_ERRORS} more (run `fangzhi dataset check {cfg.path} --resolution {cfg.resolution}` for all)")
-        raise FangzhiError(
-            f"{cfg.path}: the dataset check found {len(errors)} errors; fix them, or set data.skip_bad_files "
-            f"to train on the {len(report.entries)} good images:\n" + "\n".join(listed)
-        )
+        # Skipping bad files helps only where good ones are left.
+        skipping = f", or set data.skip_bad_files to train on the {len(report.entries)} good images" if report.entries else ""
+        raise FangzhiError(f"{cfg.path}: the dataset check found {len(errors)} error(s); fix them{skipping}:\n" + "\n".join(listed))
     if errors:
         print(f"skip_bad_files: {len(report.entries)} of {report.image_count} images kept; skipped because of these {len(errors)} errors:")
         for problem in errors:
