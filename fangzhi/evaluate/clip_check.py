@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from pydantic import ConfigDict, Field, FiniteFloat, ValidationError
 
 from fangzhi.config import StrictModel, format_validation_error
 from fangzhi.errors import FangzhiError
+from fangzhi.files import write_atomically
 from fangzhi.evaluate.clip_score import find_reference_images, json_ready, read_manifest, reference_set_sha256, score_manifest
 from fangzhi.models.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_model_identity, clip_weights_sha256, load_clip
 
@@ -288,10 +288,8 @@ def write_baseline(config: ClipCheckConfig, rules: ClipGateRules, identity: dict
         "images": images[[*PAIR_KEY, "image_id", "image_sha256", "clip_score", "style_similarity"]].to_dict(orient="records"),
     }
     config.baseline.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed, so an interrupted update leaves the old baseline intact.
-    temporary = config.baseline.with_name(config.baseline.name + ".tmp")
-    temporary.write_text(json.dumps(json_ready(baseline), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, config.baseline)
+    # An interrupted update leaves the old baseline intact.
+    write_atomically(config.baseline, json.dumps(json_ready(baseline), indent=2, ensure_ascii=False) + "\n")
 
 
 def _prompt_texts(manifest: pd.DataFrame, manifest_path: Path) -> dict[str, str]:

@@ -17,7 +17,6 @@ shown left and right, the blank side of an attention item as `(blank)`, and the 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
+from fangzhi.files import replacing
 from fangzhi.studydb.qc import pairwise_qc_results
 from fangzhi.studydb.connection import DUCKDB_CONFIG, require_study_file, snapshot_path
 from fangzhi.studydb.schema import BLANK_SIDE, stored_version, study_mode
@@ -135,26 +135,24 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, db_path: str | Path) -> int:
     One read transaction, so rows, settings and count are from the same moment; readers see either
     the previous snapshot or this one (temp file + rename).
     """
-    target = snapshot_path(db_path)
-    temporary = target.with_name(target.name + ".tmp")
-    con.execute("BEGIN TRANSACTION")
-    try:
-        version = stored_version(con, db_path)
-        mode = study_mode(con, version)
-        saves = con.execute(SAVES_SQL[mode]).fetchone()[0]
-        metadata = {
-            "schema_version": version,
-            "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "saves": saves,
-            "study": settings_row(con, version),
-        }
-        literal = json.dumps(metadata, ensure_ascii=False).replace("'", "''")
-        con.execute(f"COPY ({ROWS_SQL[mode]}) TO '{_sql_path(temporary)}' (FORMAT parquet, KV_METADATA {{{SNAPSHOT_METADATA_KEY}: '{literal}'}})")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-    os.replace(temporary, target)
+    with replacing(snapshot_path(db_path)) as temporary:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            version = stored_version(con, db_path)
+            mode = study_mode(con, version)
+            saves = con.execute(SAVES_SQL[mode]).fetchone()[0]
+            metadata = {
+                "schema_version": version,
+                "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "saves": saves,
+                "study": settings_row(con, version),
+            }
+            literal = json.dumps(metadata, ensure_ascii=False).replace("'", "''")
+            con.execute(f"COPY ({ROWS_SQL[mode]}) TO '{_sql_path(temporary)}' (FORMAT parquet, KV_METADATA {{{SNAPSHOT_METADATA_KEY}: '{literal}'}})")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
     return saves
 
 
@@ -230,10 +228,9 @@ def export_ratings(db_path: str | Path, out: str | Path) -> tuple[int, StudyRead
     study = read_study(db_path)
     ratings = study.votes() if study.mode == "pairwise" else study.ratings()
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    if out.suffix == ".csv":
-        ratings.to_csv(temporary, index=False)
-    else:
-        ratings.to_parquet(temporary, index=False)
-    os.replace(temporary, out)
+    with replacing(out) as temporary:
+        if out.suffix == ".csv":
+            ratings.to_csv(temporary, index=False)
+        else:
+            ratings.to_parquet(temporary, index=False)
     return len(ratings), study
