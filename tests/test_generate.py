@@ -328,6 +328,96 @@ def test_bad_inputs_give_clear_errors(tiny_base, tmp_path: Path, capsys):
         read_manifest(manifest)
 
 
+def wrong_lora_files(folder: Path) -> list[tuple[str, Path]]:
+    """Files a user may pass as a LoRA by mistake, each alone in a folder, with the words its refusal must contain."""
+    from safetensors.torch import save_file
+
+    files = [folder / "csv" / "scores.csv", folder / "text" / "fake.safetensors", folder / "unet" / "unet.safetensors"]
+    for file in files:
+        file.parent.mkdir(parents=True)
+    files[0].write_text("image,score\na.png,4\n")
+    files[1].write_text("not a tensor file\n")
+    save_file({"conv_in.weight": torch.zeros(2, 2), "conv_in.bias": torch.zeros(2)}, str(files[2]))
+    return [("not a safetensors file", files[0]), ("not a safetensors file", files[1]), ("holds no LoRA weights", files[2])]
+
+
+def test_generate_checks_every_lora_file_before_any_image(tiny_base, lora_dir, tmp_path: Path, capsys):
+    for words, bad in wrong_lora_files(tmp_path / "wrong"):
+        out = tmp_path / bad.stem
+        # The good LoRA first: the wrong one must be refused before the base and first LoRA arms are generated.
+        code = main(["generate", "--base", tiny_base, "--lora", f"{lora_dir}:1:good", "--lora", f"{bad}:1:wrong", "--out", str(out),
+                     "--limit-prompts", "1", "--seeds", "0", "--steps", "2", "--size", "64"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(bad) in err and words in err and "Traceback" not in err
+        assert not list(out.glob("images/*.png"))
+
+
+def test_an_unreadable_file_beside_the_lora_does_not_stop_generate(tiny_base, lora_dir, tmp_path: Path):
+    from fangzhi.generate.run import _lora_sources
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    kohya = next(p for p in lora_dir.glob("*_kohya.safetensors"))
+    for source in (lora_dir / "pytorch_lora_weights.safetensors", kohya):
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "a-broken.safetensors").write_text("half a download")  # sorts before the kohya export
+    [source] = _lora_sources(config(tiny_base, tmp_path / "out", loras=[{"path": str(folder)}]))
+    assert source.a1111_name == kohya.stem
+
+
+def test_lora_export_refuses_files_it_cannot_export(lora_dir, tmp_path: Path, capsys):
+    out = tmp_path / "k.safetensors"
+    kohya = next(p for p in lora_dir.glob("*_kohya.safetensors"))
+    cases = [*wrong_lora_files(tmp_path / "wrong"), ("already in kohya format", kohya)]
+    for words, bad in cases:
+        for alpha in ([], ["--alpha", "8"]):
+            assert main(["lora", "export", str(bad), "--out", str(out), *alpha]) == 2
+            err = capsys.readouterr().err
+            assert str(bad) in err and words in err and "Traceback" not in err, err
+            assert "lora_adapter_metadata" not in err and not out.exists()
+    assert "A1111 and ComfyUI load it as it is" in err
+
+
+def test_lora_export_never_writes_over_its_source(lora_dir, tmp_path: Path, capsys):
+    source = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    source.parent.mkdir()
+    source.write_bytes((lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    before = source.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(source)
+    same_file = [source, tmp_path / "lora" / ".." / "lora" / source.name, tmp_path / "link.safetensors"]
+    for src, out in [(source, target) for target in same_file] + [(source.parent, source)]:
+        assert main(["lora", "export", str(src), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is the LoRA being exported ({source})" in err
+    assert main(["lora", "export", str(source), "--out", str(source.parent)]) == 2
+    assert f"--out {source.parent}: is a folder" in capsys.readouterr().err
+    assert source.read_bytes() == before and sorted(p.name for p in source.parent.iterdir()) == [source.name]
+
+
+@pytest.mark.parametrize("alpha", ["-4", "0", "nan", "inf"])
+def test_lora_export_alpha_must_be_a_positive_number(lora_dir, tmp_path: Path, capsys, alpha: str):
+    out = tmp_path / "k.safetensors"
+    assert main(["lora", "export", str(lora_dir), f"--alpha={alpha}", "--out", str(out)]) == 2
+    assert f"--alpha {alpha}: the LoRA alpha must be a number above 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_lora_scale_after_an_existing_path_must_be_a_finite_number(tiny_base, lora_dir, tmp_path: Path, capsys):
+    for spec, scale in [(f"{lora_dir}:abc", "abc"), (f"{lora_dir}:nan", "nan"), (f"{lora_dir}:inf:x", "inf"), (f"{lora_dir}:half:x", "half")]:
+        with pytest.raises(FangzhiError, match=f"--lora {re.escape(spec)}: the scale '{scale}' is not a finite number"):
+            lora_arms_from_specs([spec])
+    assert main(["generate", "--base", tiny_base, "--lora", f"{lora_dir}:nan", "--out", str(tmp_path / "o")]) == 2
+    assert f"the scale 'nan' is not a finite number; write --lora {lora_dir}:SCALE" in capsys.readouterr().err
+    # A path with ':' in its name stays whole, whether it exists or not (the missing one is reported as missing),
+    # also when the part before the ':' exists too.
+    odd = tmp_path / "style:v2"
+    odd.mkdir()
+    (tmp_path / "style").mkdir()
+    assert lora_arms_from_specs([str(odd), f"{tmp_path}/gone:abc"]) == [{"path": str(odd), "scale": 1.0}, {"path": f"{tmp_path}/gone:abc", "scale": 1.0}]
+    with pytest.raises(ValueError, match="loras.0.scale"):
+        GenerateConfig(loras=[{"path": str(lora_dir), "scale": float("nan")}])
+
+
 def test_two_processes_make_the_same_images_as_one(tiny_base, lora_dir, tmp_path: Path):
     # Batch size 1 and one thread in both runs: the same float rounding, so the PNG bytes must match.
     threads = torch.get_num_threads()

@@ -6,6 +6,8 @@ The defaults are the paper's: DDIM, 35 steps, CFG 7, 512×512, text "[U], prompt
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -45,7 +47,7 @@ class LoraArm(StrictModel):
     """One LoRA arm: an adapter file at one strength. The same file at two scales is two arms."""
 
     path: str = Field(description="pytorch_lora_weights.safetensors, or the training output folder holding it")
-    scale: float = Field(1.0, description="LoRA strength, applied to the UNet and the text encoder alike")
+    scale: float = Field(1.0, allow_inf_nan=False, description="LoRA strength, applied to the UNet and the text encoder alike")
     label: str | None = Field(None, pattern=ID_PATTERN, description="arm name in the manifest; default 'lora' or 'lora@SCALE'")
 
 
@@ -112,25 +114,38 @@ def arm_labels(loras: list[LoraArm]) -> list[str]:
     return [lora.label or f"lora@{lora.scale:g}" for lora in loras]
 
 
-def _float_or_none(text: str) -> float | None:
+def _finite_float(text: str) -> float | None:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
 def lora_arms_from_specs(specs: list[str], default_scales: list[float] | None = None) -> list[dict]:
     """`--lora PATH[:SCALE[:LABEL]]` flags as `loras` entries. A spec without a scale gets one arm per
-    `default_scales` value (`--lora-scale 0.5,1`), or scale 1."""
+    `default_scales` value (`--lora-scale 0.5,1`), or scale 1.
+
+    A suffix counts as the scale only when it is a finite number, so a path with ':' in it stays whole;
+    but when the part before it names an existing file or folder and the whole spec does not, the suffix
+    is a mistyped scale, refused here rather than reported later as a missing file (or NaN images).
+    """
     arms = []
     for spec in specs:
         parts = spec.rsplit(":", 2)
-        if len(parts) == 3 and _float_or_none(parts[1]) is not None:
+        if len(parts) == 3 and _finite_float(parts[1]) is not None:
             arms.append({"path": parts[0], "scale": float(parts[1]), "label": parts[2]})
             continue
         parts = spec.rsplit(":", 1)
-        if len(parts) == 2 and _float_or_none(parts[1]) is not None:
+        if len(parts) == 2 and _finite_float(parts[1]) is not None:
             arms.append({"path": parts[0], "scale": float(parts[1])})
             continue
+        if ":" in spec and not Path(spec).exists():
+            for path, scale in (spec.rsplit(":", 1), spec.rsplit(":", 2)[:2]):
+                if Path(path).exists():
+                    raise FangzhiError(
+                        f"--lora {spec}: the scale '{scale}' is not a finite number; write --lora {path}:SCALE "
+                        f"or {path}:SCALE:LABEL, e.g. {path}:0.5"
+                    )
         arms.extend({"path": spec, "scale": scale} for scale in (default_scales or [1.0]))
     return arms

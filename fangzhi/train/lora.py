@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -11,15 +13,18 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fangzhi.errors import FangzhiError
+from fangzhi.files import replacing
 from fangzhi.generate.manifest import file_sha256
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Metadata key of a kohya export naming the sha256 of the diffusers file it was made from.
 KOHYA_SOURCE_KEY = "fangzhi_source_sha256"
+# The key prefixes by which diffusers' lora_state_dict tells a kohya file (it converts such a file on load).
+KOHYA_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
@@ -61,12 +66,36 @@ def save_lora(out_dir: str | Path, unet: torch.nn.Module | None, text_encoder: t
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
+def _read_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """A .safetensors file's tensor names and metadata, read from its header alone (no weights)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys()), handle.metadata() or {}
+    except SafetensorError as exc:
+        raise FangzhiError(
+            f"{path}: not a safetensors file ({exc}); give a LoRA .safetensors file, e.g. a training folder's {LORA_WEIGHT_NAME}"
+        ) from None
+
+
 def resolve_lora_file(path: str | Path) -> Path:
-    """A LoRA given as the .safetensors file or as the folder holding pytorch_lora_weights.safetensors."""
+    """A LoRA given as the .safetensors file or as the folder holding pytorch_lora_weights.safetensors.
+
+    The file is checked from its header only, so a wrong file is refused before anything is generated
+    or written; the rule is diffusers' own (load_lora_weights refuses a file with a tensor name lacking 'lora').
+    """
     path = Path(path)
     candidate = path / LORA_WEIGHT_NAME if path.is_dir() else path
     if not candidate.is_file():
         raise FangzhiError(f"LoRA file not found: {candidate} (give the .safetensors file or the training output folder)")
+    keys, _ = _read_header(candidate)
+    others = [key for key in keys if "lora" not in key]
+    if not keys or others:
+        found = f"tensor '{others[0]}' is not a LoRA weight" if others else "it holds no tensors"
+        holds = "holds other weights than a LoRA's" if len(others) < len(keys) else "holds no LoRA weights"
+        raise FangzhiError(
+            f"{candidate}: {holds} ({found}: LoRA tensor names contain 'lora'); give a LoRA file, "
+            f"e.g. a training folder's {LORA_WEIGHT_NAME} or its kohya export"
+        )
     return candidate
 
 
@@ -85,14 +114,9 @@ def autov3_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
-
-
-def _lora_alphas(lora_file: Path) -> dict[str, float]:
-    """Per component ('unet', 'text_encoder') LoRA alpha from the file's diffusers metadata, {} when it has none."""
-    adapter = json.loads(_metadata(lora_file).get("lora_adapter_metadata", "{}"))
+def _lora_alphas(metadata: dict[str, str]) -> dict[str, float]:
+    """Per component ('unet', 'text_encoder') LoRA alpha from a file's diffusers metadata, {} when it has none."""
+    adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     return {key.split(".", 1)[0]: float(value) for key, value in adapter.items() if key.endswith(".lora_alpha")}
 
 
@@ -106,7 +130,13 @@ def find_kohya_export(lora_file: str | Path, lora_sha256: str) -> Path | None:
     """The kohya export beside `lora_file` that was made from it (its metadata names the source's sha256), if any."""
     lora_file = Path(lora_file)
     for candidate in sorted(lora_file.parent.glob("*.safetensors")):
-        if candidate != lora_file and _metadata(candidate).get(KOHYA_SOURCE_KEY) == lora_sha256:
+        if candidate == lora_file:
+            continue
+        try:
+            metadata = _read_header(candidate)[1]
+        except FangzhiError:
+            continue  # an unreadable file beside the LoRA is not its export, and must not stop the run
+        if metadata.get(KOHYA_SOURCE_KEY) == lora_sha256:
             return candidate
     return None
 
@@ -120,23 +150,39 @@ def export_kohya(src: str | Path, dst: str | Path, alpha: float | None = None) -
     comes from the file's `lora_adapter_metadata`; a file without it (e.g. from another trainer) needs
     `alpha`, since guessing alpha = rank can make the LoRA several times too strong.
     """
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise FangzhiError(f"--alpha {alpha:g}: the LoRA alpha must be a number above 0, the one the LoRA was trained with (e.g. 8)")
     src_file = resolve_lora_file(src)
-    state_dict = load_file(str(src_file))
-    components = {key.split(".", 1)[0] for key in state_dict}
-    alphas = dict.fromkeys(components, alpha) if alpha is not None else _lora_alphas(src_file)
+    keys, metadata = _read_header(src_file)
+    if all(key.startswith(KOHYA_PREFIXES) for key in keys):
+        raise FangzhiError(f"{src_file}: already in kohya format (lora_unet_*/lora_te_* keys); A1111 and ComfyUI load it as it is")
+    dst = Path(dst)
+    if dst.is_dir():
+        raise FangzhiError(f"--out {dst}: is a folder; give the .safetensors file to write, e.g. {dst / kohya_export_path(src_file).name}")
+    if dst.exists() and os.path.samefile(src_file, dst):
+        raise FangzhiError(f"--out {dst} is the LoRA being exported ({src_file}); writing there would replace it. Give another --out file")
+    try:
+        converted = convert_state_dict_to_kohya(load_file(str(src_file)))
+    except ValueError:  # diffusers converts only the peft layout (*.lora_A.weight) that diffusers and fangzhi save
+        raise FangzhiError(
+            f"{src_file}: its LoRA keys (e.g. '{keys[0]}') are not in the diffusers/peft layout (*.lora_A.weight) that "
+            "fangzhi train and diffusers' training scripts write, the only layout that can be exported"
+        ) from None
+    components = {key.split(".", 1)[0] for key in keys}
+    alphas = dict.fromkeys(components, alpha) if alpha is not None else _lora_alphas(metadata)
     if not components <= alphas.keys():
         raise FangzhiError(
             f"{src_file}: no lora_adapter_metadata, so its LoRA alpha is unknown (assuming alpha = rank would change its strength "
             "by alpha/rank); give the alpha it was trained with, e.g. --alpha 8"
         )
     kohya = {}
-    for key, tensor in convert_state_dict_to_kohya(state_dict).items():
+    for key, tensor in converted.items():
         key = key.replace("lora_te1_", "lora_te_", 1).replace("lora_te_encoder_", "lora_te_text_model_encoder_", 1)
         if key.endswith(".alpha"):
             component = "text_encoder" if key.startswith("lora_te_") else "unet"
             tensor = torch.tensor(alphas[component])
         kohya[key] = tensor.contiguous()
-    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya, str(dst), metadata={"ss_network_module": "networks.lora", "format": "pt", KOHYA_SOURCE_KEY: file_sha256(src_file)})
+    with replacing(dst) as temporary:  # an interrupted export never leaves half a file under the name A1111 loads
+        save_file(kohya, str(temporary), metadata={"ss_network_module": "networks.lora", "format": "pt", KOHYA_SOURCE_KEY: file_sha256(src_file)})
     return dst
