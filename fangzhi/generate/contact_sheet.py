@@ -5,13 +5,13 @@ They name the arms, so they are for researchers, never for raters (the rating ap
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from fangzhi.files import replacing
 from fangzhi.generate.config import BASE_ARM
 
 CONTACT_SHEETS_DIR = "contact_sheets"
@@ -66,8 +66,7 @@ def write_contact_sheets(out: Path, records: list[dict]) -> list[Path]:
                     tile = image.convert("RGB").resize((cell_w, cell_h), Image.Resampling.NEAREST)
                 sheet.paste(tile, (x, y + line_h))
         path = folder / f"{prompt_id}.png"
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        sheet.save(temporary, format="PNG")
-        os.replace(temporary, path)
+        with replacing(path) as temporary:
+            sheet.save(temporary, format="PNG")
         written.append(path)
     return written

@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 
 from fangzhi.errors import FangzhiError
+from fangzhi.files import write_atomically
 
 MANIFEST_NAME = "manifest.jsonl"
 SALT_NAME = ".salt"
@@ -42,9 +43,7 @@ def output_salt(out: Path) -> str:
     path = out / SALT_NAME
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        temporary.write_text(secrets.token_hex(16), encoding="ascii")
-        os.replace(temporary, path)
+        write_atomically(path, secrets.token_hex(16))
     return path.read_text(encoding="ascii").strip()
 
 
@@ -126,13 +125,7 @@ def image_problem(folder: Path, record: dict) -> str | None:
 
 def write_manifest(path: Path, records: list[dict]) -> None:
     """Replace the manifest atomically with `records` (e.g. after dropping lines whose image is gone)."""
-    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(to_line(record))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_atomically(path, "".join(to_line(record) for record in records), durable=True)
 
 
 def to_line(record: dict) -> str:

@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError
 
 from fangzhi.config import StrictModel, read_utf8_text
 from fangzhi.errors import FangzhiError
+from fangzhi.files import write_atomically
 from fangzhi.generate.prompts import PromptEntry, load_prompt_set, save_prompt_set
 
 SYSTEM_PROMPT = """你是一位熟悉北京历史地理的科普作者，也熟悉中国传统山水画。用户会给你一段出自《顺天府志》地理志的文言文摘录。
@@ -341,9 +342,7 @@ def modernize_source(source_path: str | Path, out_path: str | Path, config: Mode
             continue
         reply = {"narrative_zh": entry.narrative_zh, "prompt_en": entry.prompt_en}
         record = {"model": config.model, "source": excerpt.text, "reply": reply, "created": datetime.now(timezone.utc).isoformat()}
-        temporary = cache_file.with_name(cache_file.name + ".tmp")
-        temporary.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(temporary, cache_file)
+        write_atomically(cache_file, json.dumps(record, ensure_ascii=False, indent=1))
         entries.append(entry)
 
     if out_path.exists() and _would_lose_entries(out_path, entries):

@@ -8,7 +8,6 @@ every problem at once, naming the file, the entry (index, id, line) and the fiel
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from fangzhi.config import StrictModel, read_utf8_text
 from fangzhi.errors import FangzhiError
+from fangzhi.files import write_atomically
 
 SHIPPED_PROMPT_SETS = Path(__file__).parent / "prompts"
 SHUNTIAN_PROMPT_SET = SHIPPED_PROMPT_SETS / "shuntian.yaml"
@@ -170,9 +170,7 @@ def save_prompt_set(entries: list[PromptEntry], path: str | Path) -> Path:
     path = Path(path)
     text = render_prompt_set(entries, path.suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, text)
     return path
 
 

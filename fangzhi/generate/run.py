@@ -24,7 +24,6 @@ import collections
 import hashlib
 import io
 import itertools
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from fangzhi.config import save_config
 from fangzhi.errors import FangzhiError
+from fangzhi.files import write_atomically
 from fangzhi.generate.config import BASE_ARM, GenerateConfig, LoraArm, arm_labels
 from fangzhi.generate.contact_sheet import write_contact_sheets
 from fangzhi.generate.manifest import (
@@ -200,21 +200,13 @@ def image_problem(image: np.ndarray) -> str | None:
 
 
 def _write_png(image: np.ndarray, path: Path, parameters: str) -> str:
-    """Encode, write to a temporary name, fsync, rename: the final name only ever holds a whole PNG."""
+    """Encode and write durably and whole: the final name only ever holds a whole PNG, which a rerun trusts."""
     info = PngInfo()
     info.add_text("parameters", parameters)
     buffer = io.BytesIO()
     Image.fromarray((image * 255).round().astype(np.uint8)).save(buffer, format="PNG", pnginfo=info)
     data = buffer.getvalue()
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path, data, durable=True)
     return hashlib.sha256(data).hexdigest()
 
 
