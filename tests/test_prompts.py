@@ -69,6 +69,10 @@ BAD_YAML = """\
   source: 卢沟桥。
   prompt_en: Lugou Bridge
 - just a string
+- id: kunming
+  source: 昆明湖。
+  narrative_zh: 昆明湖。
+  prompt_en:
 """
 
 
@@ -78,7 +82,7 @@ def test_yaml_errors_name_entry_field_and_line(tmp_path):
     with pytest.raises(FangzhiError) as info:
         load_prompt_set(path)
     message = str(info.value)
-    assert message.startswith(f"{path}: 7 problems")
+    assert message.startswith(f"{path}: 8 problems")
     assert "entry 2 (id 'yuquan', line 5): field 'prompt_en' (line 8): is empty" in message
     assert "entry 3 (id 'panshan', line 9): field 'promt_en' (line 12): unknown field" in message
     assert "entry 3 (id 'panshan', line 9): field 'prompt_en': required but missing" in message
@@ -86,6 +90,7 @@ def test_yaml_errors_name_entry_field_and_line(tmp_path):
     assert "entry 5 (id 'bad id!', line 17): field 'id' (line 17): 'bad id!' is not a valid id" in message
     assert "entry 6 (id 'lugou', line 21): field 'narrative_zh': required but missing" in message
     assert "entry 7 (line 24): must be a mapping" in message
+    assert "entry 8 (id 'kunming', line 25): field 'prompt_en' (line 28): is empty" in message  # a key with nothing after it
 
 
 def test_duplicate_ids_are_an_error(tmp_path):

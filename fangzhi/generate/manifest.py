@@ -102,6 +102,8 @@ def read_manifest(path: str | Path, check_files: bool = False) -> list[dict]:
     matches its image_sha256.
     """
     path = Path(path)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        raise FangzhiError(f"{path}: a folder; give its manifest, {path / MANIFEST_NAME}")
     if not path.is_file():
         raise FangzhiError(f"{path}: generation manifest not found")
     records, _ = _parse(path, path.read_text(encoding="utf-8"), allow_partial_tail=False)

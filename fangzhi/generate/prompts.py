@@ -65,7 +65,7 @@ def _describe_validation_error(exc: ValidationError, field_lines: dict[str, int]
             problems.append(f"field '{field}'{where}: unknown field (allowed: {allowed})")
         elif err["type"] == "missing":
             problems.append(f"field '{field}': required but missing")
-        elif err["type"] == "string_too_short":
+        elif err["type"] == "string_too_short" or (err["type"] == "string_type" and err.get("input") is None):  # `prompt_en:` with nothing after it
             problems.append(f"field '{field}'{where}: is empty")
         elif err["type"] == "string_pattern_mismatch":
             problems.append(
