@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 from fangzhi.cli import main as cli_main
 from fangzhi.errors import FangzhiError
-from fangzhi.evaluate.analyze import AnalyzeConfig, PowerConfig, analyze, run_power
+from fangzhi.evaluate.analyze import SCORE_FILES, AnalyzeConfig, PowerConfig, analyze, run_power
 from fangzhi.evaluate.power import VarianceComponents, simulate_ratings, simulated_power
 from fangzhi.evaluate.ratings import read_ratings_file
 from fangzhi.evaluate.reliability import icc2, krippendorff_alpha, reliability_table
@@ -344,6 +344,7 @@ def test_analyze_end_to_end_with_qc_and_clip(tmp_path):
     out = analyze(config, ratings=frame)
     for name in ["table2.md", "table2.csv", "table2.tex", "comparisons.csv", "mixed_model.csv", "reliability.csv", "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png", "report.html"]:
         assert (out / name).is_file(), name
+    assert {path.name for path in out.iterdir()} <= set(SCORE_FILES)  # what a rerun into the folder replaces
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["counts"]["n_raters"] == 3 and results["counts"]["n_images"] == 12
     assert results["counts"]["n_attention_failures"] == 1 and results["counts"]["n_retest_ratings"] == 1

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -125,7 +126,9 @@ def test_an_outside_process_opening_the_file_does_not_delay_saves(served):
     assert outside.returncode == 0
     assert attempts > 10 and opened == 0, "the outside process got into a file the app holds"
     assert snapshot_reads > 5
-    assert len(latencies) > 50 and max(latencies) < 1.0, max(latencies)
+    # Saves go on while the outside process tries the file: none waits for it (that would be its whole 6 s run).
+    # The bound leaves room for a busy 2-core CI machine (one save took 1.5 s in a full run there).
+    assert len(latencies) > 50 and statistics.median(latencies) < 0.2 and max(latencies) < 3.0, (statistics.median(latencies), max(latencies))
 
 
 # ---- reading a live study ---------------------------------------------------------------------
@@ -198,7 +201,7 @@ def test_export_and_analyze_while_the_app_serves_see_every_save_older_than_five_
         assert acknowledged.before(started - 5.0) <= saved_items(read)
         assert rows == len(pd.read_csv(tmp_path / "ratings.csv")) == len(saved_items(read))
         reads += 1
-        if not analyzed and len(acknowledged.saves) > 12:
+        if not analyzed and len(saved_items(read)) > 12:  # what the snapshot holds, which may lag the saves by seconds
             assert cli_main(["analyze", "--db", str(db), "--out", str(tmp_path / "analysis"), "--bootstrap", "200"]) == 0
             assert "is open in another process; analysing" in capsys.readouterr().err
             counts = json.loads((tmp_path / "analysis" / "results.json").read_text(encoding="utf-8"))["counts"]

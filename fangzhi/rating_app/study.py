@@ -324,10 +324,14 @@ def write_links(links: list[tuple[str, str, str]], out: str | Path) -> None:
         descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise FangzhiError(f"{out}: already exists; invitation links are never written over") from None
-    with open(descriptor, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["rater", "token", "link"])
-        writer.writerows(links)
+    try:
+        with open(descriptor, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["rater", "token", "link"])
+            writer.writerows(links)
+    except BaseException:  # e.g. a full disk: no half list left behind to be taken for the study's links
+        out.unlink(missing_ok=True)
+        raise
 
 
 def append_links(links: list[tuple[str, str, str]], out: str | Path) -> None:

@@ -88,7 +88,7 @@ def register_lora_state_hooks(accelerator: Accelerator, models: dict[str, torch.
         state = load_file(str(Path(input_dir) / LORA_STATE_FILE))
         params = _trainable_parameters(models)
         differing = set(params) ^ set(state)
-        reshaped = [key for key in set(params) & set(state) if params[key].shape != state[key].shape]
+        reshaped = sorted(key for key in set(params) & set(state) if params[key].shape != state[key].shape)
         if differing or reshaped:
             example = (
                 f"e.g. {reshaped[0]} is {tuple(state[reshaped[0]].shape)} there and {tuple(params[reshaped[0]].shape)} here"
