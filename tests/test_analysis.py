@@ -459,6 +459,9 @@ def test_cli_power_with_given_components(tmp_path, capsys):
     assert "reach power" in capsys.readouterr().out
     saved = json.loads((tmp_path / "pw" / "power.json").read_text(encoding="utf-8"))
     assert saved["components"]["any dimension"]["noise_sd"] == 0.3 and len(saved["grid"]) == 2
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli_main([*argv[:-1], str(tmp_path / "notes.txt")]) == 2  # --out naming a file
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # --- Input read exactly or refused ----------------------------------------------------------

@@ -460,8 +460,7 @@ def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
             lines.append(f"{score}: {row.n_raters} raters × {row.n_prompts} prompts ({row.n_ratings} ratings) reach power {row.power:.2f} ≥ {config.power}")
     text = "\n".join(lines)
     if config.out is not None:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = report.output_folder(Path(config.out))
         grid.to_csv(out / "power.csv", index=False)
         report.write_json(out / "power.json", {"config": config.model_dump(mode="json"), "components": power_mod.components_as_dict(components), "grid": grid, "smallest": best, "summary": text})
     return grid, best, text

@@ -188,8 +188,7 @@ def run_pairwise_power(config: PairwisePowerConfig) -> tuple[pd.DataFrame, pd.Da
             lines.append(f"{raters} rater(s): {int(row.n_comparisons)} comparisons ({int(row.n_votes)} votes) reach power {row.power:.2f} ≥ {config.power}")
     text = "\n".join(lines)
     if config.out is not None:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = report.output_folder(Path(config.out))
         grid.to_csv(out / "pairwise_power.csv", index=False)
         report.write_json(out / "pairwise_power.json", {"config": config.model_dump(mode="json"), "grid": grid, "smallest": smallest, "summary": text})
     return grid, smallest, text

@@ -167,12 +167,12 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def output_folder(out: Path, earlier_results: tuple[str, ...]) -> Path:
+def output_folder(out: Path, earlier_results: tuple[str, ...] = ()) -> Path:
     """`out` ready for an analysis' files: a folder (created if missing) without the files named by `earlier_results`
     (glob patterns). An earlier run's file that this run does not write again (friedman.csv after a three-arm run, say)
     would otherwise sit beside the new results as if it were one of them; other files in the folder stay."""
     if out.exists() and not out.is_dir():
-        raise FangzhiError(f"--out {out}: is a file, not a folder; give a folder for the tables, plots and report")
+        raise FangzhiError(f"--out {out}: is a file, not a folder; give a folder for the results")
     out.mkdir(parents=True, exist_ok=True)
     for pattern in earlier_results:
         for earlier in out.glob(pattern):
