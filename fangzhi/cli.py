@@ -249,10 +249,11 @@ def _cmd_prompts_modernize(args: argparse.Namespace) -> int:
     result = modernize_source(args.source, args.out, config)
     for note in result.notes:
         print(f"note: {note}")
-    print(
-        f"wrote {len(result.entries)} entries to {result.out_path} "
-        f"({result.from_cache} from the cache, {result.requests} requests to {config.model})"
-    )
+    if result.entries:
+        print(
+            f"wrote {len(result.entries)} entries to {result.out_path} "
+            f"({result.from_cache} from the cache, {result.requests} requests to {config.model})"
+        )
     if result.failures:
         print(f"{len(result.failures)} excerpt(s) failed and are not in {result.out_path}:", file=sys.stderr)
         for failure in result.failures:
@@ -403,7 +404,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     create.set_defaults(func=_cmd_study_create)
     export = study_sub.add_parser("export", help="write one row per rater x item (wide format), also while the app runs")
     export.add_argument("--db", required=True, help="study database")
-    export.add_argument("--out", required=True, help="ratings.csv or ratings.parquet")
+    export.add_argument("--out", required=True, help="ratings.csv or ratings.parquet (written anew from the study; an existing file of that name is replaced)")
     export.set_defaults(func=_cmd_study_export)
 
 
@@ -414,7 +415,6 @@ def _cmd_rate(args: argparse.Namespace) -> int:
     config = load_config(
         RateConfig, None, {"db": args.db, "host": args.host, "port": args.port, "base_url": args.base_url, "links_out": args.links_out}
     )
-    print(f"starting the rating app on {config.host}:{config.port} ...", flush=True)
     return serve(config)
 
 

@@ -289,6 +289,17 @@ def test_clip_score_command_writes_csv(manifest, tiny_clip_dir, reference_dir, w
     assert "lora" in capsys.readouterr().out
 
 
+def test_clip_outputs_that_cannot_be_written_are_refused_before_the_model_loads(manifest, tiny_clip_dir, workdir, capsys, monkeypatch):
+    monkeypatch.setattr("fangzhi.evaluate.clip_score.load_clip", lambda *a: pytest.fail("the model loaded first"))
+    monkeypatch.setattr("fangzhi.evaluate.clip_check.load_clip", lambda *a: pytest.fail("the model loaded first"))
+    a_file = workdir / "results.txt"
+    a_file.write_text("mine")
+    assert cli_main(["clip-score", "--manifest", str(manifest), "--pretrained", str(tiny_clip_dir), "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "mine"
+    assert cli_main(["clip-check", "--images", str(manifest), "--baseline", str(workdir), "--update-baseline", "--pretrained", str(tiny_clip_dir)]) == 2
+    assert f"--baseline {workdir}: is a folder" in capsys.readouterr().err
+
+
 def test_bad_manifest_line_is_named(tmp_path, tiny_clip_dir):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text('{"image_id": "x", "file": "images/x.png", "arm": "base", "prompt_id": "p", "seed": 0}\n', encoding="utf-8")

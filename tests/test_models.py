@@ -12,6 +12,7 @@ import torch
 
 from fangzhi.cli import main
 from fangzhi.errors import FangzhiError
+from fangzhi.cli import main as cli_main
 from fangzhi.models import base_available, build_tiny_base, load_pipeline
 
 
@@ -31,6 +32,23 @@ def test_tiny_base_is_deterministic_small_and_a_diffusers_folder(tiny_base, tmp_
     assert pipe.vae_scale_factor == 8 and pipe.vae.config.scaling_factor == pytest.approx(0.18215)
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_a_base_is_built_over_its_own_kind_only_and_whole(tmp_path: Path, capsys):
+    base = build_tiny_base(tmp_path / "base", seed=1)
+    build_tiny_base(base, seed=0)  # over a base fangzhi built: replaced whole, as if new
+    assert folder_digest(base) == folder_digest(build_tiny_base(tmp_path / "fresh", seed=0))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no building or replaced folder left
+
+    someones_model = tmp_path / "sd15"
+    (someones_model / "unet").mkdir(parents=True)
+    (someones_model / "unet" / "weights.safetensors").write_bytes(b"real weights")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for out, reason in ((someones_model, "holds files fangzhi did not write"), (a_file, "is a file")):
+        assert cli_main(["base", "tiny", "--out", str(out)]) == 2
+        assert reason in capsys.readouterr().err
+    assert (someones_model / "unet" / "weights.safetensors").read_bytes() == b"real weights" and a_file.read_text() == "mine"
 
 
 @pytest.mark.parametrize(

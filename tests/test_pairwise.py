@@ -464,3 +464,25 @@ def test_cli_analyze_power_pairwise_writes_the_grid_and_rejects_score_flags(tmp_
     assert "--diff: not used with analyze power --mode pairwise" in capsys.readouterr().err
     assert main(["analyze", "power", "--win-rate", "0.6"]) == 2
     assert "--win-rate: only used with analyze power --mode pairwise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "key", "message"),
+    [
+        (["--raters", "0"], "raters.0", "greater than or equal to 1"),
+        (["--raters", "3,-2"], "raters.1", "greater than or equal to 1"),
+        (["--raters", ","], "raters", "at least 1 item"),
+        (["--comparisons", "0"], "comparisons.0", "greater than or equal to 2"),
+        (["--comparisons", "1,-5"], "comparisons.0", "greater than or equal to 2"),
+        (["--comparisons", ","], "comparisons", "at least 1 item"),
+        (["--win-rate", "0.5"], "win_rate", "0.5 is no preference"),
+    ],
+)
+def test_cli_analyze_power_pairwise_refuses_designs_it_cannot_answer(tmp_path, capsys, flags, key, message):
+    from fangzhi.cli import main
+
+    assert main(["analyze", "power", "--mode", "pairwise", "--sims", "50", "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"key '{key}'" in err and message in err
+    assert not (tmp_path / "out").exists()
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 
 from fangzhi.cli import main
 from fangzhi.errors import FangzhiError
+from fangzhi.generate import modernize
 from fangzhi.generate.modernize import ModernizeConfig, failures_path_for, modernize_source, parse_reply, read_source_text
 from fangzhi.generate.prompts import SHUNTIAN_PROMPT_SET, PromptEntry, load_prompt_set, save_prompt_set
 
@@ -148,6 +150,14 @@ def test_cli_check(tmp_path, capsys):
     bad.write_text(yaml.safe_dump([{**GOOD_ENTRY, "prompt_en": ""}], allow_unicode=True), encoding="utf-8")
     assert main(["prompts", "check", str(bad)]) == 2
     assert "field 'prompt_en'" in capsys.readouterr().err
+
+
+
+def test_check_on_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    (tmp_path / "shuntian.yaml").write_text(SHUNTIAN_PROMPT_SET.read_text(encoding="utf-8"), encoding="utf-8")
+    assert main(["prompts", "check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder" in err and ".yaml, .yml or .jsonl file" in err and "shuntian.yaml" in err
 
 
 # --- modernize against a local stub server ---------------------------------------------------
@@ -362,6 +372,61 @@ def test_modernize_wrong_url_and_auth_are_clear_errors(tmp_path):
         stub.script = {XISHAN: [("status", 401)]}
         with pytest.raises(FangzhiError, match="HTTP 401 .*FANGZHI_LLM_API_KEY"):
             modernize_source(write_source(tmp_path), tmp_path / "p.yaml", fast_config(stub, tmp_path))
+
+
+
+def test_modernize_that_produces_nothing_leaves_the_existing_output_alone(tmp_path, capsys):
+    with StubLLM() as stub:
+        stub.script = {text: [("status", 503)] for text in (XISHAN, YUQUAN, PANSHAN)}
+        out = tmp_path / "prompts.yaml"
+        out.write_bytes(SHUNTIAN_PROMPT_SET.read_bytes())
+        argv = ["prompts", "modernize", str(write_source(tmp_path)), "--out", str(out), "--base-url", stub.base_url,
+                "--model", "stub-glm", "--cache-dir", str(tmp_path / "cache"), "--retries", "0"]
+        # Twice: a second failed run must not replace the first run's backup (or the output) either.
+        for _ in range(2):
+            assert main(argv) == 1
+            assert out.read_bytes() == SHUNTIAN_PROMPT_SET.read_bytes()
+            assert "3 excerpt(s) failed" in capsys.readouterr().err
+            report = yaml.safe_load(failures_path_for(out).read_text(encoding="utf-8"))
+            assert [f["id"] for f in report] == ["xishan", "excerpt-002", "panshan"]
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "prompts.failures.yaml", "prompts.yaml", "source.txt"]
+
+        fresh = tmp_path / "new" / "fresh.jsonl"
+        result = modernize_source(write_source(tmp_path), fresh, fast_config(stub, tmp_path, retries=0))
+        assert not fresh.exists() and len(result.failures) == 3 and failures_path_for(fresh).is_file()
+        assert "fresh.jsonl was not written" in result.notes[0]
+
+
+def test_modernize_backups_within_one_second_keep_every_old_output(tmp_path, monkeypatch):
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2025, 1, 1, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(modernize, "datetime", FrozenClock)
+    with StubLLM() as stub:
+        stub.script = {text: [good_reply("好。", "fine")] for text in (XISHAN, YUQUAN, PANSHAN)}
+        out = tmp_path / "prompts.yaml"
+        config = fast_config(stub, tmp_path)
+        modernize_source(write_source(tmp_path), out, config)
+        for edit in ("first edit", "second edit"):
+            out.write_text(out.read_text(encoding="utf-8").replace("fine", edit, 1), encoding="utf-8")
+            modernize_source(write_source(tmp_path), out, config)
+        backups = [path.read_text(encoding="utf-8") for path in tmp_path.glob("prompts.*.bak.yaml")]
+        assert len(backups) == 2
+        assert any("first edit" in text for text in backups) and any("second edit" in text for text in backups)
+
+
+@pytest.mark.parametrize("base_url", ["127.0.0.1:9", "localhost:8000/v1", "ftp://127.0.0.1/v1", "http://", "http:///v1"])
+def test_modernize_rejects_a_base_url_without_scheme_or_host_before_any_request(tmp_path, capsys, base_url):
+    out = tmp_path / "p.yaml"
+    argv = ["prompts", "modernize", str(write_source(tmp_path)), "--out", str(out), "--base-url", base_url,
+            "--model", "m", "--cache-dir", str(tmp_path / "cache"), "--retries", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'base_url'" in err and "--base-url" in err and json.dumps(base_url) in err and "http://" in err
+    assert not out.exists() and not failures_path_for(out).exists()
+    assert ModernizeConfig(base_url="https://open.bigmodel.cn/api/paas/v4", model="m").base_url.startswith("https://")
 
 
 # --- CLIP tokenizer and long-prompt encoding -------------------------------------------------

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +28,7 @@ from fangzhi.cli import main as cli_main
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
 from fangzhi.rating_app import media, media_access, sample, store, study
+from fangzhi.rating_app import serve
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, RateConfig, streamlit_command
 
 APP = Path(study.__file__).with_name("app.py")
@@ -197,6 +203,9 @@ def test_cli_create_and_export(tmp_path, manifest):
     exported = pd.read_parquet(tmp_path / "r.parquet")
     assert len(exported) == 1 and exported["rater"][0] == "artist b"
     assert cli_main(["study", "export", "--db", str(db), "--out", str(tmp_path / "r.txt")]) == 2
+    (tmp_path / "folder.csv").mkdir()
+    for unwritable in (tmp_path / "folder.csv", "/proc/ratings.csv"):  # a folder; a place nobody can write
+        assert cli_main(["study", "export", "--db", str(db), "--out", str(unwritable)]) == 2
     assert cli_main(["rate", "--db", str(tmp_path / "missing.duckdb")]) == 2
 
 
@@ -595,3 +604,136 @@ def test_rate_config_base_url_sets_the_path_and_links_file(tmp_path):
     assert command[command.index("--server.baseUrlPath") + 1] == "study"
     with pytest.raises(ValidationError):
         RateConfig(db=tmp_path / "s.duckdb", port=0)
+
+
+# ---- `fangzhi rate`: what it refuses before starting, and how it stops ------------------------
+
+
+class StreamlitStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_streamlit(monkeypatch):
+    """`fangzhi rate` in this process, with starting Streamlit replaced by raising StreamlitStarted."""
+
+    def popen(*args, **kwargs):
+        raise StreamlitStarted(args)
+
+    monkeypatch.setattr(serve.subprocess, "Popen", popen)
+
+
+@pytest.fixture
+def duckdb_file(tmp_path) -> Path:
+    """A DuckDB file, which is all `rate` checks of the study before it starts."""
+    db = tmp_path / "study.duckdb"
+    duckdb.connect(str(db)).close()
+    return db
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--db", "{csv}"], ["ratings.csv: not a rating study", "--db takes the .duckdb file"]),
+        (["--host", "bogus.invalid"], ["--host bogus.invalid: no such address"]),
+        (["--host", "192.0.2.1"], ["--host 192.0.2.1 is not an address of this machine"]),  # TEST-NET-1: nobody's
+        (["--base-url", "rating.example.org/study"], ["--base-url rating.example.org/study: ", "http:// or https://"]),
+        (["--base-url", "ftp://rating.example.org"], ["--base-url ftp://rating.example.org: "]),
+        (["--base-url", "https://"], ["--base-url https://: "]),
+    ],
+    ids=["csv-as-db", "unknown-host", "foreign-host", "base-url-without-scheme", "base-url-ftp", "base-url-without-host"],
+)
+def test_rate_refuses_what_could_never_serve_before_starting_anything(tmp_path, duckdb_file, no_streamlit, capsys, flags, expected):
+    csv = tmp_path / "ratings.csv"
+    csv.write_text("rater,arm,prompt,seed,style,match,detail,beauty\n")
+    args = ["rate", "--db", str(duckdb_file), *(flag.format(csv=csv) for flag in flags)]
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert all(part in error for part in expected), error
+    assert "--ratings" not in error and "Traceback" not in error  # `rate` has no --ratings
+
+
+def test_rate_refuses_a_busy_port_but_not_one_whose_connections_are_closing(duckdb_file, no_streamlit, capsys):
+    with socket.socket() as taken:  # as another app (another `fangzhi rate`) serving there
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host in ("127.0.0.1", "0.0.0.0"):
+            assert cli_main(["rate", "--db", str(duckdb_file), "--host", host, "--port", str(port)]) == 2
+            error = capsys.readouterr().err
+            assert f"port {port} on {host} is in use; choose another --port" in error, error
+
+    # A server stopped a moment ago leaves its closed connections in TIME_WAIT; Streamlit may reuse the port.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first, as it does on shutdown
+        client.close()
+    with pytest.raises(StreamlitStarted):
+        cli_main(["rate", "--db", str(duckdb_file), "--port", str(port)])
+
+
+def processes(field: int, value: int) -> list[int]:
+    """Live (not zombie) processes whose /proc/PID/stat field after the name (0 state, 1 parent, 2 group) is `value`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[field]) == value:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_rate_stops_its_whole_group_however_many_stop_signals_arrive_and_whenever(tmp_path, manifest):
+    db = tmp_path / "study.duckdb"
+    study.create_study(manifest, db, ["alice"], qc_retest=0, qc_attention=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, err = tmp_path / "rate.out", tmp_path / "rate.err"
+    # In its own group, as under GNU timeout, which signals the process and then its group.
+    rate = subprocess.Popen(
+        [sys.executable, "-m", "fangzhi", "rate", "--db", str(db), "--port", str(port)],
+        stdout=out.open("w"), stderr=err.open("w"), start_new_session=True,
+    )
+    streamlit_group = None
+    try:
+        deadline = time.monotonic() + 90
+        while "ready:" not in out.read_text():
+            assert rate.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        [streamlit_group] = processes(1, rate.pid)  # Streamlit leads its own group
+        os.kill(rate.pid, signal.SIGTERM)
+        os.killpg(rate.pid, signal.SIGTERM)
+        # Then more of every kind until it has exited, so that some land while it stops Streamlit.
+        for stop in itertools.cycle(serve.STOP_SIGNALS):
+            if rate.poll() is not None or time.monotonic() > deadline:
+                break
+            os.kill(rate.pid, stop)
+            time.sleep(0.01)
+        assert rate.wait(timeout=1) == 0
+        assert "Traceback" not in err.read_text(), err.read_text()
+        assert processes(2, streamlit_group) == []
+        assert port_is_free(port)
+    finally:
+        if rate.poll() is None:
+            rate.kill()
+            rate.wait()
+        for orphan in processes(2, streamlit_group) if streamlit_group else ():
+            os.kill(orphan, signal.SIGKILL)

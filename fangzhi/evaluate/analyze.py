@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
+from fangzhi.files import output_folder
 from fangzhi.evaluate import power as power_mod
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.evaluate import mixed, reliability, report, stats, table
@@ -23,7 +24,7 @@ from fangzhi.evaluate.pairwise_votes import PAIRWISE_COLUMNS, file_columns, is_p
 from fangzhi.evaluate.ratings import BadRows, main_ratings, read_ratings_file, validate_ratings
 from fangzhi.studydb import StudyRead, attention_failures, pairwise_attention_failures, raters_failing_attention, read_study
 
-# Every file the score analysis writes (report.output_folder clears an earlier run's before writing).
+# Every file the score analysis writes (files.output_folder clears an earlier run's before writing).
 SCORE_FILES = (
     "table2.md", "table2.tex", "table2.csv", "comparisons.csv", "friedman.csv", "reliability.csv", "mixed_model.csv",
     "per_rater.csv", "per_prompt.csv", "means.png", "distributions.png", "rater_heatmap.png", "clip_vs_human.png",
@@ -255,7 +256,7 @@ def analyze(config: AnalyzeConfig, ratings: pd.DataFrame | None = None) -> Path:
             figures["clip_vs_human.png"] = report.plot_clip_scatter(clip_joined, present, note_suffix)
 
     # --- everything computed; now write ---
-    out = report.output_folder(Path(config.out), SCORE_FILES)
+    out = output_folder(Path(config.out), SCORE_FILES)
     markdown = table.to_markdown(paper, title, note)
     (out / "table2.md").write_text(markdown, encoding="utf-8")
     (out / "table2.tex").write_text(table.to_latex(paper, title, note), encoding="utf-8")
@@ -460,7 +461,7 @@ def run_power(config: PowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
             lines.append(f"{score}: {row.n_raters} raters × {row.n_prompts} prompts ({row.n_ratings} ratings) reach power {row.power:.2f} ≥ {config.power}")
     text = "\n".join(lines)
     if config.out is not None:
-        out = report.output_folder(Path(config.out))
+        out = output_folder(Path(config.out))
         grid.to_csv(out / "power.csv", index=False)
         report.write_json(out / "power.json", {"config": config.model_dump(mode="json"), "components": power_mod.components_as_dict(components), "grid": grid, "smallest": best, "summary": text})
     return grid, best, text

@@ -32,7 +32,7 @@ from pydantic import ConfigDict, Field, FiniteFloat, ValidationError
 
 from fangzhi.config import StrictModel, format_validation_error
 from fangzhi.errors import FangzhiError
-from fangzhi.files import write_atomically
+from fangzhi.files import output_file, write_atomically
 from fangzhi.evaluate.clip_score import find_reference_images, json_ready, read_manifest, reference_set_sha256, score_manifest
 from fangzhi.models.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_model_identity, clip_weights_sha256, load_clip
 
@@ -151,6 +151,8 @@ def clip_check(config: ClipCheckConfig) -> int:
     prompts = _prompt_texts(manifest, config.images)
     # Fail on an unusable baseline before spending time on the model.
     baseline = None if config.update_baseline else read_baseline(config.baseline)
+    if config.update_baseline:
+        output_file(config.baseline, "--baseline")
     rules, note = resolve_rules(config, baseline)
     _check_enough_pairs(manifest, rules.alpha, config.images)
 

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from fangzhi.config import StrictModel
 from fangzhi.errors import FangzhiError
+from fangzhi.files import output_folder
 from fangzhi.generate.manifest import read_manifest as read_generation_manifest
 from fangzhi.models.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_model_identity, clip_weights_sha256, load_clip
 
@@ -231,9 +232,9 @@ def clip_table_markdown(summary: pd.DataFrame, model: str) -> str:
 
 def run_clip_score(config: ClipScoreConfig) -> Path:
     """`fangzhi clip-score`: writes OUT/clip_scores.csv (one row per image), clip_summary.json and clip_table.md; returns the CSV path."""
+    output_folder(config.out)  # before the model and the scoring
     clip = load_clip(config.model, config.pretrained, config.device)
     scores = score_manifest(config.manifest, clip, config.reference_images, config.batch_size)
-    config.out.mkdir(parents=True, exist_ok=True)
     csv_path = config.out / "clip_scores.csv"
     scores.to_csv(csv_path, index=False)
 

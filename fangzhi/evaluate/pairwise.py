@@ -39,6 +39,7 @@ from scipy.special import expit, log_expit
 
 from fangzhi.dimensions import DIMENSION_KEYS, DIMENSIONS
 from fangzhi.errors import FangzhiError
+from fangzhi.files import output_folder
 from fangzhi.evaluate import report
 from fangzhi.evaluate.pairwise_votes import CHOICES, group_codes, read_pairwise_file, validate_pairwise_votes
 from fangzhi.evaluate.ratings import BadRows
@@ -46,7 +47,7 @@ from fangzhi.evaluate.reliability import krippendorff_alpha
 from fangzhi.evaluate.stats import holm, signed_rank_test
 from fangzhi.evaluate.table import to_latex, to_markdown
 
-PAIRWISE_FILES = ("pairwise_*",)  # every file the preference analysis writes (report.output_folder)
+PAIRWISE_FILES = ("pairwise_*",)  # every file the preference analysis writes (files.output_folder)
 
 DEFAULT_REFERENCE_ARM = "base"
 CI_LEVEL = 0.95
@@ -545,7 +546,7 @@ def analyze_pairwise(
 
 def write_pairwise(result: PairwiseResult, out: Path) -> None:
     """pairwise_table.csv/.md/.tex, pairwise_pairs.csv, pairwise_agreement.csv, the plot, JSON and an HTML report."""
-    report.output_folder(out, PAIRWISE_FILES)
+    output_folder(out, PAIRWISE_FILES)
     display = display_table(result.strengths, result.arms)
     c = result.counts
     note = f"{ELO_NOTE} {c['bootstrap_resamples']} resamples; n = {c['n_main_votes']} votes, {c['n_units']} prompt × seed units, {c['n_raters']} raters."

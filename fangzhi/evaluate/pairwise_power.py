@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from itertools import combinations
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Annotated, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 from scipy.special import expit, logit
 
 from fangzhi.config import StrictModel
 from fangzhi.dimensions import DIMENSION_KEYS
+from fangzhi.files import output_folder
 from fangzhi.evaluate import report
 from fangzhi.evaluate.pairwise import ELO_PER_LOGIT
 from fangzhi.evaluate.stats import signed_rank_test
@@ -134,16 +135,30 @@ def simulated_preference_power(
 class PairwisePowerConfig(StrictModel):
     """Settings of `fangzhi analyze power --mode pairwise`."""
 
-    win_rate: float = Field(0.6, gt=0, lt=1)  # expected score of one arm against the other (ties as half) to detect
+    win_rate: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description="expected score of one arm against the other (ties as half) to detect; not 0.5, which is no "
+        "preference. The test is two-sided, so a win rate below 0.5 is the same effect as 1 minus it with the arms swapped",
+    )
     power: float = Field(0.8, gt=0, lt=1)
     alpha: float = Field(0.05, gt=0, lt=1)
-    raters: list[int] = [1, 3, 5]  # raters who judge each comparison
-    comparisons: list[int] = [10, 20, 40, 80, 160, 320, 640]  # comparisons (prompt × seed units) of the arm pair
+    raters: list[Annotated[int, Field(ge=1)]] = Field([1, 3, 5], min_length=1)  # raters who judge each comparison
+    # Comparisons (prompt × seed units) of the arm pair; the signed-rank test of a single one always gives p = 1.
+    comparisons: list[Annotated[int, Field(ge=2)]] = Field([10, 20, 40, 80, 160, 320, 640], min_length=1)
     tie_share: float = Field(0.2, ge=0, lt=1)
     comparison_sd: float = Field(0.0, ge=0)  # SD of the comparison-level logit shift (heterogeneity between units)
     sims: int = Field(1000, ge=50)
     seed: int = 0
     out: Path | None = None
+
+    @field_validator("win_rate")
+    @classmethod
+    def _an_effect(cls, value: float) -> float:
+        if value == 0.5:
+            raise ValueError("0.5 is no preference, which no number of comparisons can detect; give the win rate to detect, e.g. 0.6")
+        return value
 
 
 def pairwise_power_grid(config: PairwisePowerConfig) -> pd.DataFrame:
@@ -188,7 +203,7 @@ def run_pairwise_power(config: PairwisePowerConfig) -> tuple[pd.DataFrame, pd.Da
             lines.append(f"{raters} rater(s): {int(row.n_comparisons)} comparisons ({int(row.n_votes)} votes) reach power {row.power:.2f} ≥ {config.power}")
     text = "\n".join(lines)
     if config.out is not None:
-        out = report.output_folder(Path(config.out))
+        out = output_folder(Path(config.out))
         grid.to_csv(out / "pairwise_power.csv", index=False)
         report.write_json(out / "pairwise_power.json", {"config": config.model_dump(mode="json"), "grid": grid, "smallest": smallest, "summary": text})
     return grid, smallest, text

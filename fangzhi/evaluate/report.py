@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from fangzhi.dimensions import DIMENSION_KEYS, SCORE_MAX, SCORE_MIN
-from fangzhi.errors import FangzhiError
 from fangzhi.evaluate.table import ROW_NAMES, SCORE_ROWS
 
 # Fonts that cover Chinese, best first; the Debian package fonts-noto-cjk provides the first ones.
@@ -165,19 +164,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     return value
-
-
-def output_folder(out: Path, earlier_results: tuple[str, ...] = ()) -> Path:
-    """`out` ready for an analysis' files: a folder (created if missing) without the files named by `earlier_results`
-    (glob patterns). An earlier run's file that this run does not write again (friedman.csv after a three-arm run, say)
-    would otherwise sit beside the new results as if it were one of them; other files in the folder stay."""
-    if out.exists() and not out.is_dir():
-        raise FangzhiError(f"--out {out}: is a file, not a folder; give a folder for the results")
-    out.mkdir(parents=True, exist_ok=True)
-    for pattern in earlier_results:
-        for earlier in out.glob(pattern):
-            earlier.unlink()
-    return out
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

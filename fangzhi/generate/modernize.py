@@ -19,13 +19,14 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from fangzhi.config import StrictModel, read_utf8_text
 from fangzhi.errors import FangzhiError
@@ -61,6 +62,18 @@ class ModernizeConfig(StrictModel):
     json_mode: bool = Field(
         default=True, description="ask for response_format json_object (dropped automatically if the server rejects it)"
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url_with_host(cls, value: str) -> str:
+        # urllib reports a missing scheme or host only when the request is sent, as a retryable network error.
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            example = f"http://{value}" if "://" not in value else "http://127.0.0.1:8000/v1"
+            raise ValueError(
+                f"--base-url (or $FANGZHI_LLM_BASE_URL) must be an http:// or https:// URL with a host, e.g. {example}"
+            )
+        return value
 
 
 @dataclass
@@ -308,6 +321,17 @@ def _would_lose_entries(out_path: Path, new_entries: list[PromptEntry]) -> bool:
     return any(new_by_id.get(entry.id) != entry for entry in old_entries)
 
 
+def _free_backup_path(out_path: Path) -> Path:
+    """A backup name for `out_path` that no file has yet: two runs within one second must both keep theirs."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup = out_path.with_name(f"{out_path.stem}.{stamp}.bak{out_path.suffix}")
+    number = 1
+    while backup.exists():
+        number += 1
+        backup = out_path.with_name(f"{out_path.stem}.{stamp}-{number}.bak{out_path.suffix}")
+    return backup
+
+
 def failures_path_for(out_path: Path) -> Path:
     return out_path.with_name(out_path.stem + ".failures.yaml")
 
@@ -316,7 +340,8 @@ def modernize_source(source_path: str | Path, out_path: str | Path, config: Mode
     """Modernize every excerpt of `source_path` and write the prompt set to `out_path` (.yaml/.jsonl).
 
     Failed excerpts are listed in `<out stem>.failures.yaml` beside the output (removed when a rerun
-    has none) and left out of the prompt set, which must hold only valid entries.
+    has none) and left out of the prompt set, which must hold only valid entries. When every excerpt
+    fails, no prompt set is written and an existing output is left as it was.
     """
     out_path = Path(out_path)
     if out_path.suffix not in (".yaml", ".yml", ".jsonl"):
@@ -345,15 +370,22 @@ def modernize_source(source_path: str | Path, out_path: str | Path, config: Mode
         write_atomically(cache_file, json.dumps(record, ensure_ascii=False, indent=1))
         entries.append(entry)
 
-    if out_path.exists() and _would_lose_entries(out_path, entries):
-        # The previous output may hold hand edits (entries are meant to be reviewed): keep it.
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        backup = out_path.with_name(f"{out_path.stem}.{stamp}.bak{out_path.suffix}")
-        os.replace(out_path, backup)
-        client.notes.append(f"{out_path.name} had entries this run does not reproduce; the old file is kept as {backup.name}")
-    save_prompt_set(entries, out_path)
+    if not entries:
+        # A prompt set without entries is invalid (`prompts check` refuses it), so there is nothing to write.
+        client.notes.append(
+            f"no excerpt was modernized: {out_path.name} is left as it was" if out_path.exists()
+            else f"no excerpt was modernized: {out_path.name} was not written"
+        )
+    else:
+        if out_path.exists() and _would_lose_entries(out_path, entries):
+            # The previous output may hold hand edits (entries are meant to be reviewed): keep it.
+            backup = _free_backup_path(out_path)
+            os.replace(out_path, backup)
+            client.notes.append(f"{out_path.name} had entries this run does not reproduce; the old file is kept as {backup.name}")
+        save_prompt_set(entries, out_path)
     failures_path = failures_path_for(out_path)
     if failures:
+        failures_path.parent.mkdir(parents=True, exist_ok=True)
         report = [
             {"id": f.id, "line": f.line, "source": f.source, "reason": f.reason, "attempts": f.attempts} for f in failures
         ]

@@ -116,6 +116,11 @@ def _jsonl_entries(path: Path, text: str) -> list[tuple[Any, int, dict[str, int]
 def load_prompt_set(path: str | Path) -> list[PromptEntry]:
     """Read and validate a prompt set (.yaml, .yml or .jsonl). Raises FangzhiError listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        # read_utf8_text would call an existing folder "not found".
+        inside = sorted(f.name for f in path.iterdir() if f.suffix in (".yaml", ".yml", ".jsonl") and f.is_file())
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise FangzhiError(f"{path} is a folder; a prompt set is a .yaml, .yml or .jsonl file{hint}")
     text = read_utf8_text(path, "prompt set")
     if path.suffix in (".yaml", ".yml"):
         raw_entries = _yaml_entries(path, text)

@@ -7,6 +7,9 @@ whether the weights are SD v1.5's, the tiny base's or random ones.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -171,25 +174,52 @@ def _clip_text_config(hidden_size: int, layers: int, heads: int) -> CLIPTextConf
     )
 
 
+# Written into every base fangzhi builds: only such a folder is ever replaced by another build.
+BUILT_MARKER = "fangzhi_base.json"
+
+
+def check_base_destination(out: Path) -> None:
+    """A base is built into a new or empty folder, or over one fangzhi built: never over someone's model or files."""
+    if out.exists() and not out.is_dir():
+        raise FangzhiError(f"--out {out}: is a file; give a folder for the base")
+    if out.is_dir() and any(out.iterdir()) and not (out / BUILT_MARKER).is_file():
+        raise FangzhiError(
+            f"--out {out}: holds files fangzhi did not write (a model of yours?); give a new or empty folder, or move it away first"
+        )
+
+
 def _assemble(
-    unet: UNet2DConditionModel, vae: AutoencoderKL, text_config: CLIPTextConfig, out: Path, seed: int, dtype: torch.dtype = torch.float32
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_config: CLIPTextConfig, out: Path, seed: int, kind: str,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
+    """Save the pipeline into a folder beside `out`, then put it in `out`'s place whole: an interrupted build leaves the
+    old base (or none), never a mix of two."""
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(text_config)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = clip_tokenizer_from_open_clip_bpe(scratch)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler(**SD15_SCHEDULE),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.to(dtype=dtype).save_pretrained(out, safe_serialization=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.with_name(f".{out.name}.building-{os.getpid()}")
+    replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer = clip_tokenizer_from_open_clip_bpe(scratch)
+            pipe = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=DDIMScheduler(**SD15_SCHEDULE),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.to(dtype=dtype).save_pretrained(building, safe_serialization=True)
+        (building / BUILT_MARKER).write_text(json.dumps({"kind": kind, "seed": seed}) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rename(replaced)
+        building.rename(out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
     return out
 
 
@@ -200,6 +230,7 @@ def build_tiny_base(out: str | Path, seed: int = 0) -> Path:
     2-layer CLIP with the real BPE tokenizer, and the schedule is SD v1.5's. Deterministic per seed.
     """
     out = Path(out)
+    check_base_destination(out)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -213,7 +244,7 @@ def build_tiny_base(out: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed + 1)
     vae = _sd_vae((16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
-    return _assemble(unet, vae, _clip_text_config(32, layers=2, heads=4), out, seed)
+    return _assemble(unet, vae, _clip_text_config(32, layers=2, heads=4), out, seed, "tiny")
 
 
 def sd15_unet_config() -> dict:
@@ -236,8 +267,9 @@ def build_sd15_random_base(out: str | Path, seed: int = 0) -> Path:
     Stored in fp16, as SD v1.5's fp16 release is: 2 GB on disk instead of 4, and `load_pipeline` upcasts exactly.
     """
     out = Path(out)
+    check_base_destination(out)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**sd15_unet_config())
     torch.manual_seed(seed + 1)
     vae = _sd_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
-    return _assemble(unet, vae, _clip_text_config(768, layers=12, heads=12), out, seed, dtype=torch.float16)
+    return _assemble(unet, vae, _clip_text_config(768, layers=12, heads=12), out, seed, "sd15-random", dtype=torch.float16)

@@ -32,7 +32,7 @@ def snapshot_path(db_path: str | Path) -> Path:
 DUCKDB_MAGIC = (8, b"DUCK")
 
 
-def require_study_file(db_path: str | Path) -> Path:
+def require_study_file(db_path: str | Path, not_a_study_hint: str = "a ratings CSV or Parquet file goes to --ratings") -> Path:
     db_path = Path(db_path)
     if not db_path.is_file():
         raise FangzhiError(f"{db_path}: no rating study here (create one with `fangzhi study create`)")
@@ -41,7 +41,7 @@ def require_study_file(db_path: str | Path) -> Path:
         handle.seek(offset)
         if handle.read(len(magic)) != magic:
             raise FangzhiError(
-                f"{db_path}: not a rating study (a DuckDB file from `fangzhi study create`); a ratings CSV or Parquet file goes to --ratings"
+                f"{db_path}: not a rating study (a DuckDB file from `fangzhi study create`); {not_a_study_hint}"
             )
     return db_path
 

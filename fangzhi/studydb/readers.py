@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from fangzhi.dimensions import DIMENSION_KEYS
 from fangzhi.errors import FangzhiError
-from fangzhi.files import replacing
+from fangzhi.files import output_file, replacing
 from fangzhi.studydb.qc import pairwise_qc_results
 from fangzhi.studydb.connection import DUCKDB_CONFIG, require_study_file, snapshot_path
 from fangzhi.studydb.schema import BLANK_SIDE, stored_version, study_mode
@@ -225,9 +225,9 @@ def export_ratings(db_path: str | Path, out: str | Path) -> tuple[int, StudyRead
     out = Path(out)
     if out.suffix not in (".csv", ".parquet"):
         raise FangzhiError(f"{out}: the export file must end in .csv or .parquet")
+    output_file(out)
     study = read_study(db_path)
     ratings = study.votes() if study.mode == "pairwise" else study.ratings()
-    out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as temporary:
         if out.suffix == ".csv":
             ratings.to_csv(temporary, index=False)
