@@ -30,6 +30,8 @@ def read_utf8_text(path: str | Path, what: str) -> str:
     """The text of a user's file (a UTF-8 BOM dropped); a missing or non-UTF-8 file is a FangzhiError naming it
     (`what`: 'prompt set', ...) and the line of the first byte that is not UTF-8."""
     path = Path(path)
+    if path.is_dir():
+        raise FangzhiError(f"{path}: a folder; give the {what} file")
     if not path.is_file():
         raise FangzhiError(f"{what} not found: {path}")
     return decode_utf8(path, path.read_bytes())

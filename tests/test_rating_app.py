@@ -229,6 +229,9 @@ def test_cli_create_never_writes_over_links_and_reads_raters_files_as_windows_sa
     assert create(tmp_path / "c.duckdb", names, "--manifest", str(manifest.parent)) == 2  # the generation folder itself
     assert f"a folder; give its manifest, {manifest}" in capsys.readouterr().err
 
+    assert create(tmp_path / "c.duckdb", tmp_path) == 2
+    assert f"{tmp_path}: a folder; give the rater names file" in capsys.readouterr().err
+
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("张三\n李四\n".encode("gbk"))  # Notepad's default on Chinese Windows
     assert create(tmp_path / "b.duckdb", gbk) == 2

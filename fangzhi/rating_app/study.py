@@ -103,7 +103,7 @@ def _check_texts_agree_across_arms(manifest: Path, images) -> None:
 def read_rater_names(raters: str | Path | list[str]) -> list[str]:
     if isinstance(raters, (str, Path)):
         path = Path(raters)
-        text = read_utf8_text(path, "rater names file (one name per line)")
+        text = read_utf8_text(path, "rater names")
         names = [line.strip() for line in text.splitlines() if line.strip()]
         source = str(path)
     else:
