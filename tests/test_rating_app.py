@@ -30,6 +30,7 @@ from fangzhi.errors import FangzhiError
 from fangzhi.rating_app import media, media_access, sample, store, study
 from fangzhi.rating_app import serve
 from fangzhi.rating_app.serve import BASE_URL_ENV, DB_ENV, RateConfig, streamlit_command
+from ports import port_is_free
 
 APP = Path(study.__file__).with_name("app.py")
 ALL_FOUR = {key: 3 for key in DIMENSION_KEYS}
@@ -691,16 +692,6 @@ def processes(field: int, value: int) -> list[int]:
         if fields[0] != "Z" and int(fields[field]) == value:
             found.append(int(stat.parent.name))
     return found
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_rate_stops_its_whole_group_however_many_stop_signals_arrive_and_whenever(tmp_path, manifest):

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from PIL import Image
 from fangzhi import studydb
 from fangzhi.dimensions import DIMENSION_KEYS, DIMENSIONS
 from fangzhi.rating_app import sample, serve, store, study
+from ports import free_port, port_is_free
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -47,23 +47,6 @@ RATERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "i
 
 if not Path(CHROMIUM).is_file() and not os.environ.get("CI"):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); in CI this test fails instead", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a new server could listen on the port (servers set SO_REUSEADDR, so old connections do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
