@@ -22,11 +22,11 @@ from scipy.special import expit, logit
 
 from fangzhi.config import StrictModel
 from fangzhi.dimensions import DIMENSION_KEYS
-from fangzhi.files import output_folder
 from fangzhi.evaluate import report
 from fangzhi.evaluate.pairwise import ELO_PER_LOGIT
-from fangzhi.evaluate.stats import signed_rank_test
 from fangzhi.evaluate.pairwise_votes import CHOICES
+from fangzhi.evaluate.stats import signed_rank_test
+from fangzhi.files import output_folder
 
 
 def outcome_probabilities(expected_score: np.ndarray, tie_share: float) -> np.ndarray:
@@ -203,7 +203,7 @@ def run_pairwise_power(config: PairwisePowerConfig) -> tuple[pd.DataFrame, pd.Da
             lines.append(f"{raters} rater(s): {int(row.n_comparisons)} comparisons ({int(row.n_votes)} votes) reach power {row.power:.2f} ≥ {config.power}")
     text = "\n".join(lines)
     if config.out is not None:
-        out = output_folder(Path(config.out))
+        out = output_folder(config.out)
         grid.to_csv(out / "pairwise_power.csv", index=False)
         report.write_json(out / "pairwise_power.json", {"config": config.model_dump(mode="json"), "grid": grid, "smallest": smallest, "summary": text})
     return grid, smallest, text

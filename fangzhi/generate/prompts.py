@@ -117,7 +117,7 @@ def load_prompt_set(path: str | Path) -> list[PromptEntry]:
     """Read and validate a prompt set (.yaml, .yml or .jsonl). Raises FangzhiError listing every problem."""
     path = Path(path)
     if path.is_dir():
-        # read_utf8_text would call an existing folder "not found".
+        # More than read_utf8_text's "a folder": the prompt sets it holds, one of which was likely meant.
         inside = sorted(f.name for f in path.iterdir() if f.suffix in (".yaml", ".yml", ".jsonl") and f.is_file())
         hint = f"; it holds {', '.join(inside)}" if inside else ""
         raise FangzhiError(f"{path} is a folder; a prompt set is a .yaml, .yml or .jsonl file{hint}")
